@@ -1,0 +1,135 @@
+// Small __host__ __device__ helpers shared by the CUDA kernels of csrc/cuda/*.cu:
+//   - Pack<T, N>: N elements of T moved as ONE aligned load/store (16 bytes -> LDG.128 / STG.128),
+//   - to_float / from_float: fp32 <-> c10::Half / c10::BFloat16 / float, round-to-nearest-even,
+//   - warp_reduce_sum / group_reduce_sum: fp32 sums over a warp or over a group of warps of a block,
+//   - is_aligned / ceil_div / round_up,
+//   - BAICHUAN_DISPATCH_FLOAT_HALF_BF16: AT_DISPATCH over fp32 / fp16 / bf16 only.
+// Only ATen scalar types are used (c10::Half, c10::BFloat16), so it compiles with torch's default
+// -D__CUDA_NO_HALF_OPERATORS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__ flags.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace baichuan {
+namespace cuda {
+
+constexpr int kWarpSize = 32;
+
+// ------------------------------------------------------------------------------------------------
+// Integer helpers.
+
+template <typename I>
+__host__ __device__ __forceinline__ constexpr I ceil_div(I a, I b) {
+  return (a + b - 1) / b;
+}
+
+template <typename I>
+__host__ __device__ __forceinline__ constexpr I round_up(I a, I b) {
+  return ceil_div(a, b) * b;
+}
+
+// True when `p` may be accessed with `bytes`-wide vector instructions.
+__host__ __device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
+  return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Type conversion: every kernel computes in fp32 and rounds once when storing.
+
+template <typename T>
+__host__ __device__ __forceinline__ float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ T from_float(float v) {
+  return static_cast<T>(v);  // c10::Half / c10::BFloat16: round-to-nearest-even
+}
+
+// ------------------------------------------------------------------------------------------------
+// Vector packs. Pack<T, N> is N consecutive elements with the alignment of its whole size, so a
+// load or store of one Pack is a single N * sizeof(T)-byte memory instruction when the address is
+// aligned (the caller checks). N = 16 / sizeof(T) gives the 16-byte accesses memory-bound kernels
+// want; N = 1 is the scalar fallback for unaligned rows.
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T>
+struct VecWidth {
+  static constexpr int k16B = 16 / static_cast<int>(sizeof(T));  // 4 for fp32, 8 for fp16 / bf16
+};
+
+// p: element pointer, aligned to sizeof(Pack<T, N>).
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
+
+// Unpack to / pack from fp32 registers.
+template <typename T, int N>
+__device__ __forceinline__ void pack_to_float(const Pack<T, N>& in, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(in.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> float_to_pack(const float (&in)[N]) {
+  Pack<T, N> out;
+#pragma unroll
+  for (int i = 0; i < N; ++i) out.v[i] = from_float<T>(in[i]);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reductions (fp32, fixed order: bitwise reproducible for a given launch configuration).
+
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of `v` over a "group": the blockDim.x threads that share threadIdx.y (e.g. the threads working
+// on one row when a block of blockDim.x * blockDim.y threads handles blockDim.y rows). Requires
+// blockDim.x to be a multiple of 32 and every thread of the block to call it (it may
+// __syncthreads()). smem: at least blockDim.x * blockDim.y / 32 floats. Every thread of the group
+// gets the sum. Safe to call repeatedly with the same smem.
+__device__ __forceinline__ float group_reduce_sum(float v, float* smem) {
+  v = warp_reduce_sum(v);
+  const int warps_per_group = blockDim.x / kWarpSize;
+  if (warps_per_group == 1) return v;  // uniform over the block: no barrier needed
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lane = tid % kWarpSize;
+  if (lane == 0) smem[tid / kWarpSize] = v;
+  __syncthreads();
+  // Each warp re-reduces the partial sums of its own group, so every thread ends with the total.
+  v = lane < warps_per_group ? smem[threadIdx.y * warps_per_group + lane] : 0.0f;
+  v = warp_reduce_sum(v);
+  __syncthreads();  // smem may be reused by the next call
+  return v;
+}
+
+}  // namespace cuda
+}  // namespace baichuan
+
+// ------------------------------------------------------------------------------------------------
+// Dtype dispatch over exactly the three dtypes the ops accept (the checks reject the others).
+// AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...) would also instantiate every kernel for
+// double, which no op accepts: a third more device code and compile time for nothing.
+#define BAICHUAN_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
