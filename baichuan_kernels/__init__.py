@@ -9,6 +9,15 @@ from .registry import available_backends
 from .ops.rms_norm import rms_norm
 from . import nn, testing  # noqa: E402  (modules: bk.nn.RMSNorm, ...; test helpers)
 # --- reference-backed ops (issue 2); kernels land in later issues ---
+from .ops.swiglu import swiglu
+from .ops.rope import rope_cos_sin, apply_rope
+from .ops.split_qkv_rope import split_qkv_rope
+from .ops.alibi import alibi_slopes
+from .ops.attention import attention
+from .ops.decode_attention import decode_attention
+from .ops.norm_head import norm_head_weight
+from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.quant_matmul import QuantizedWeight, quantize_weight, dequantize_weight, quant_matmul
 
 __version__ = "0.1.0"
 
@@ -16,4 +25,17 @@ __all__ = [
     "build_info",
     "available_backends",
     "rms_norm",
+    "swiglu",
+    "rope_cos_sin",
+    "apply_rope",
+    "split_qkv_rope",
+    "alibi_slopes",
+    "attention",
+    "decode_attention",
+    "norm_head_weight",
+    "linear_cross_entropy",
+    "QuantizedWeight",
+    "quantize_weight",
+    "dequantize_weight",
+    "quant_matmul",
 ]

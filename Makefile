@@ -1,0 +1,34 @@
+# One-command set-up on a fresh CPU machine: `make bench` (the main job) and `make test`.
+# Creates $(VENV), installs the pinned CPU torch + triton, builds baichuan_kernels._C, then runs.
+# On a machine that already has a (CUDA) torch: VENV_FLAGS=--system-site-packages TORCH_SPEC= make test
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.baichuan-installed
+SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+PYTEST_ARGS ?= -q
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark \
+		ninja pybind11 setuptools wheel matplotlib safetensors
+	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python -c "import baichuan_kernels as bk; print(bk.build_info()['cuda'], bk.available_backends('rms_norm'))"
+	touch $(STAMP)
+
+# pytest exits 5 when it collects nothing (e.g. a filtered run): not a failure of the code.
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+bench: setup
+	$(BIN)/python -m benchmarks --device cpu --out bench_out
+
+clean:
+	rm -rf build *.egg-info baichuan_kernels/_C*.so bench_out
