@@ -13,6 +13,7 @@ import os
 import pkgutil
 import shlex
 import sys
+import traceback
 
 import torch
 
@@ -53,16 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
     meta = common.collect_meta(device, command)
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  git {str(meta['git_sha'])[:10]}")
+    load = meta.get("loadavg_1min_at_start")
+    if device.type == "cpu" and load is not None and load > 0.5:
+        print(f"warning: 1-min load average is {load} before the run: other processes will distort CPU timings",
+              file=sys.stderr)
     peaks = common.measure_peaks(device, quick=args.quick)
     print(f"peaks: copy {peaks.copy_gbps:.1f} GB/s" + (f", bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s" if peaks.matmul_tflops else ""))
     ctx = common.Context(device=device, quick=args.quick, peaks=peaks, cache_bytes=common.cache_bytes(device),
                          cpu_budget_s=0.4 if args.quick else 1.0)
 
-    results, skips = [], []
+    os.makedirs(args.out, exist_ok=True)
+    name = common.run_name(meta) if args.name == "auto" else args.name
+    stem = os.path.join(args.out, name)
+    results, skips, plots, broken = [], [], [], []
     for op in args.ops or ops:
         print(f"\n== {op}")
-        mod = importlib.import_module(f"{__package__}.bench_{op}")
-        res, sk = mod.run(ctx)
+        try:
+            res, sk = importlib.import_module(f"{__package__}.bench_{op}").run(ctx)
+        except Exception as exc:  # one broken benchmark must not lose the others
+            traceback.print_exc()
+            res, sk = [], [common.Skip(op, "*", f"benchmark failed: {type(exc).__name__}: {exc}")]
+            broken.append(op)
         results += res
         skips += sk
         print()
@@ -70,24 +82,20 @@ def main(argv: list[str] | None = None) -> int:
             print(common.text_table(common.COLUMNS, common.table_rows(res)))
         for s in sk:
             print(f"skipped {s.provider} ({s.case}): {s.reason}")
-
-    os.makedirs(args.out, exist_ok=True)
-    name = common.run_name(meta) if args.name == "auto" else args.name
-    stem = os.path.join(args.out, name)
-    common.write_json(stem + ".json", meta, peaks, results, skips)
-    common.write_markdown(stem + ".md", meta, peaks, results, skips)
-    written = [stem + ".json", stem + ".md"]
-    if args.one_plot:
-        common.plot(stem + ".png", results, peaks, meta["device"])
-        written.append(stem + ".png")
-    else:
-        for op in dict.fromkeys(r.op for r in results):
-            path = os.path.join(args.out, f"{op}.png" if name == "results" else f"{name}-{op}.png")
-            common.plot(path, [r for r in results if r.op == op], peaks, meta["device"])
-            written.append(path)
+        # written after every op: a run stopped by a time limit keeps what it measured
+        common.write_json(stem + ".json", meta, peaks, results, skips)
+        common.write_markdown(stem + ".md", meta, peaks, results, skips)
+        if args.one_plot:
+            common.plot(stem + ".png", results, peaks, meta["device"])
+            plots = [stem + ".png"]
+        elif res:
+            plots.append(os.path.join(args.out, f"{op}.png" if name == "results" else f"{name}-{op}.png"))
+            common.plot(plots[-1], res, peaks, meta["device"])
+    written = [stem + ".json", stem + ".md"] + plots
     print("\nwrote " + ", ".join(p for p in written if os.path.exists(p)))
-    return 0 if results else 1
-
+    if broken:
+        print(f"benchmarks that failed: {broken}", file=sys.stderr)
+    return 0 if results and not broken else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -309,6 +309,8 @@ def collect_meta(device: torch.device, command: str) -> dict:
         "cpu_threads": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device_type": device.type,
+        # other processes on the machine distort CPU timings (a 2-thread region waits for a busy core)
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
@@ -386,6 +388,8 @@ def write_markdown(path: str, meta: dict, peaks: Peaks, results: Sequence[Result
              + (" (dirty)" if meta.get("git_dirty") else ""), "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda_runtime']}, driver {meta['driver']}; "
              f"CPU {meta['cpu_model']} ({meta['cpu_threads']} threads, torch uses {meta['torch_threads']})", "",
+             *([f"1-min load average at start: {meta.get('loadavg_1min_at_start')} (CPU timings assume an idle machine)", ""]
+               if meta["device_type"] == "cpu" else []),
              f"Measured peaks: copy {peaks.copy_gbps:.0f} GB/s (read + write)"
              + (f", bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s" if peaks.matmul_tflops else ""), "",
              "GB/s counts the minimal traffic (each input read once, each output written once); "

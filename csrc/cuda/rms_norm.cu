@@ -50,190 +50,240 @@ using cuda::round_up;
 using cuda::store_pack;
 using cuda::to_float;
 
-constexpr int kVecsPerThread = 4;   // packs of a row each thread keeps in registers
-constexpr int kMaxThreads = 512;    // threads per block (launch bound: <= 128 registers per thread)
-constexpr int kBlockTarget = 256;   // small rows: pack rows into blocks of about this many threads
-constexpr int kReduceCols = 32;     // dweight reduction block: 32 columns x
-constexpr int kReduceRows = 16;     //   16 partial rows at a time
+// Row-in-registers kernels. Forward: up to 4 packs of a row per thread, <= 512 threads per row
+// (<= 128 registers per thread). Backward also holds fp32 dweight accumulators for its columns, so
+// 2 packs per thread and up to 1024 threads (<= 64 registers, high occupancy for the persistent
+// grid). Both cover rows of up to 512 * 4 = 1024 * 2 = 2048 packs: D <= 16384 (16-bit), 8192 (fp32).
+constexpr int kFwdVecs = 4;
+constexpr int kFwdMaxThreads = 512;
+constexpr int kBwdVecs = 4;
+constexpr int kBwdMaxThreads = 512;
+// Row-loop kernels (any D, any alignment): scalar accesses, strided loops, second pass re-reads.
+constexpr int kLoopElems = 8;  // about this many elements per thread
+constexpr int kLoopMaxThreads = 512;
+constexpr int kBlockTarget = 256;  // small rows: several rows per block, about this many threads
+constexpr int kReduceCols = 32;    // dweight reduction block: 32 columns x
+constexpr int kReduceRows = 16;    //   16 partial rows at a time
 
-// Threads per row (multiple of 32) and rows per block for rows of `nvec` packs.
-dim3 row_block(int64_t nvec) {
-  const int64_t want = round_up<int64_t>(ceil_div<int64_t>(nvec, kVecsPerThread), cuda::kWarpSize);
-  const int tpr = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(cuda::kWarpSize, want)));
-  const int rpb = std::max(1, kBlockTarget / tpr);
-  return dim3(tpr, rpb);
+// Threads per row (TPR, multiple of 32) and rows per block (RPB) for rows of `n` items, `per` per thread.
+dim3 row_block(int64_t n, int per, int max_threads) {
+  const int64_t want = round_up<int64_t>(ceil_div<int64_t>(n, per), cuda::kWarpSize);
+  const int tpr = static_cast<int>(std::min<int64_t>(max_threads, std::max<int64_t>(cuda::kWarpSize, want)));
+  return dim3(tpr, std::max(1, kBlockTarget / tpr));
 }
 
-// s = x (+ residual), rounded to T: one pack.
+// s = x (+ residual), rounded to T: one pack at element offset j.
 template <typename T, int VW>
-__device__ __forceinline__ Pack<T, VW> load_s(const T* x, const T* residual, int64_t idx) {
-  Pack<T, VW> v = load_pack<T, VW>(x + idx);
+__device__ __forceinline__ Pack<T, VW> load_s(const T* x, const T* residual, int j) {
+  Pack<T, VW> v = load_pack<T, VW>(x + j);
   if (residual != nullptr) {
-    const Pack<T, VW> r = load_pack<T, VW>(residual + idx);
+    const Pack<T, VW> r = load_pack<T, VW>(residual + j);
 #pragma unroll
     for (int e = 0; e < VW; ++e) v.v[e] = from_float<T>(to_float(v.v[e]) + to_float(r.v[e]));
   }
   return v;
 }
 
-// ------------------------------------------------------------------------------------------------
-// Forward. Grid: ceil(N / RPB) blocks of (TPR, RPB) threads. D % VW == 0; pointers VW-pack aligned.
+// y = (s * r) * w, rounded once.
 template <typename T, int VW>
-__global__ void __launch_bounds__(kMaxThreads)
+__device__ __forceinline__ Pack<T, VW> scale(const Pack<T, VW>& s, float r, const Pack<T, VW>& w) {
+  Pack<T, VW> out;
+#pragma unroll
+  for (int e = 0; e < VW; ++e) out.v[e] = from_float<T>(to_float(s.v[e]) * r * to_float(w.v[e]));
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward kernels. Grid: ceil(N / RPB) blocks of (TPR, RPB) threads; row = blockIdx.x * RPB + ty.
+
+// Row in registers. D % VW == 0, D / VW <= kFwdVecs * TPR, all pointers aligned to Pack<T, VW>.
+// Loads are issued all at once (predicated, zero-filled) before any use, so each thread has
+// kFwdVecs (x2 when fused) 16-byte loads in flight; weight indices are clamped instead of predicated.
+template <typename T, int VW>
+__global__ void __launch_bounds__(kFwdMaxThreads)
 rms_norm_fwd_kernel(const T* __restrict__ x,         // [N, D]
                     const T* __restrict__ residual,  // [N, D], or nullptr (no fused add)
                     const T* __restrict__ weight,    // [D]
                     T* __restrict__ y,               // [N, D]
                     T* __restrict__ residual_out,    // [N, D] s = x + residual (when residual)
                     float* __restrict__ rstd,        // [N]
-                    int64_t N, int64_t D, float eps) {
-  __shared__ float smem[kMaxThreads / cuda::kWarpSize];
+                    int64_t N, int D, float eps) {
+  __shared__ float smem[kFwdMaxThreads / cuda::kWarpSize];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool valid = row < N;
-  const int64_t nvec = D / VW;                                         // packs per row
-  const int64_t chunk = static_cast<int64_t>(kVecsPerThread) * blockDim.x;  // packs per pass of the group
-  const bool in_regs = nvec <= chunk;                                  // whole row held in registers
-  const int64_t base = row * D;
+  const int64_t off = valid ? row * D : 0;
+  const int nvec = D / VW;  // packs per row; this thread's are i = k * TPR + tx, k < kFwdVecs
 
-  // Pass 1: s (stored when fused), sum of squares.
-  Pack<T, VW> s[kVecsPerThread];
+  Pack<T, VW> s[kFwdVecs], res[kFwdVecs];
+#pragma unroll
+  for (int k = 0; k < kFwdVecs; ++k) {
+    const int i = k * blockDim.x + threadIdx.x;
+    s[k] = valid && i < nvec ? load_pack<T, VW>(x + off + i * VW) : Pack<T, VW>{};
+    if (residual != nullptr)
+      res[k] = valid && i < nvec ? load_pack<T, VW>(residual + off + i * VW) : Pack<T, VW>{};
+  }
   float sumsq = 0.0f;
-  if (valid) {
-    for (int64_t c0 = 0; c0 < nvec; c0 += chunk) {
 #pragma unroll
-      for (int k = 0; k < kVecsPerThread; ++k) {
-        const int64_t i = c0 + k * blockDim.x + threadIdx.x;
-        if (i < nvec) {
-          s[k] = load_s<T, VW>(x, residual, base + i * VW);
-          if (residual != nullptr) store_pack<T, VW>(residual_out + base + i * VW, s[k]);
+  for (int k = 0; k < kFwdVecs; ++k) {
+    const int i = k * blockDim.x + threadIdx.x;
+    if (residual != nullptr) {  // s = x + residual, rounded to T (zero + zero for absent packs)
 #pragma unroll
-          for (int e = 0; e < VW; ++e) {
-            const float f = to_float(s[k].v[e]);
-            sumsq += f * f;
-          }
-        }
-      }
+      for (int e = 0; e < VW; ++e) s[k].v[e] = from_float<T>(to_float(s[k].v[e]) + to_float(res[k].v[e]));
+      if (valid && i < nvec) store_pack<T, VW>(residual_out + off + i * VW, s[k]);
     }
+#pragma unroll
+    for (int e = 0; e < VW; ++e) sumsq += to_float(s[k].v[e]) * to_float(s[k].v[e]);
   }
   const float r = rsqrtf(group_reduce_sum(sumsq, smem) / static_cast<float>(D) + eps);
   if (!valid) return;  // no barrier below
   if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+  for (int k = 0; k < kFwdVecs; ++k) {
+    const int i = k * blockDim.x + threadIdx.x;
+    const Pack<T, VW> w = load_pack<T, VW>(weight + min(i, nvec - 1) * VW);
+    if (i < nvec) store_pack<T, VW>(y + off + i * VW, scale<T, VW>(s[k], r, w));
+  }
+}
 
-  // Pass 2: y = (s * r) * w.
-  for (int64_t c0 = 0; c0 < nvec; c0 += chunk) {
-#pragma unroll
-    for (int k = 0; k < kVecsPerThread; ++k) {
-      const int64_t i = c0 + k * blockDim.x + threadIdx.x;
-      if (i < nvec) {
-        const Pack<T, VW> sv = in_regs ? s[k] : load_s<T, VW>(x, residual, base + i * VW);
-        const Pack<T, VW> w = load_pack<T, VW>(weight + i * VW);
-        Pack<T, VW> out;
-#pragma unroll
-        for (int e = 0; e < VW; ++e) out.v[e] = from_float<T>(to_float(sv.v[e]) * r * to_float(w.v[e]));
-        store_pack<T, VW>(y + base + i * VW, out);
-      }
+// Any D and alignment: scalar loop; the second pass re-reads x (+ residual) (cache hits mostly).
+template <typename T>
+__global__ void __launch_bounds__(kLoopMaxThreads)
+rms_norm_fwd_rowloop_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                            const T* __restrict__ weight, T* __restrict__ y, T* __restrict__ residual_out,
+                            float* __restrict__ rstd, int64_t N, int D, float eps) {
+  __shared__ float smem[kLoopMaxThreads / cuda::kWarpSize];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool valid = row < N;
+  const int64_t off = valid ? row * D : 0;
+  const T* res = residual != nullptr ? residual + off : nullptr;
+  float sumsq = 0.0f;
+  if (valid) {
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+      const Pack<T, 1> s = load_s<T, 1>(x + off, res, j);
+      if (res != nullptr) residual_out[off + j] = s.v[0];
+      sumsq += to_float(s.v[0]) * to_float(s.v[0]);
     }
   }
+  const float r = rsqrtf(group_reduce_sum(sumsq, smem) / static_cast<float>(D) + eps);
+  if (!valid) return;
+  if (threadIdx.x == 0) rstd[row] = r;
+  for (int j = threadIdx.x; j < D; j += blockDim.x)
+    y[off + j] = scale<T, 1>(load_s<T, 1>(x + off, res, j), r, load_pack<T, 1>(weight + j)).v[0];
 }
 
 // ------------------------------------------------------------------------------------------------
 // Backward, stage 1. Persistent grid of G blocks of (TPR, RPB) threads; block b handles rows
-// (b + k G) RPB + threadIdx.y. Writes dx and dw_partial[b * RPB + threadIdx.y, :].
-template <typename T, int VW>
-__global__ void __launch_bounds__(kMaxThreads)
-rms_norm_bwd_kernel(const T* __restrict__ dy,            // [N, D]
-                    const T* __restrict__ dresidual,     // [N, D] gradient of residual_out, or nullptr
-                    const T* __restrict__ s,             // [N, D] the normalised input
-                    const T* __restrict__ weight,        // [D]
-                    const float* __restrict__ rstd,      // [N]
-                    T* __restrict__ dx,                  // [N, D]
-                    float* __restrict__ dw_partial,      // [G * RPB, D]
-                    int64_t N, int64_t D) {
-  __shared__ float smem[kMaxThreads / cuda::kWarpSize];
-  const int64_t nvec = D / VW;
-  const int64_t chunk = static_cast<int64_t>(kVecsPerThread) * blockDim.x;
-  const bool in_regs = nvec <= chunk;
-  const float inv_d = 1.0f / static_cast<float>(D);
-  float* dw_row = dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D;
+// (b + k G) RPB + ty, writes their dx, and its row group's dweight partial dw_partial[b RPB + ty, :].
 
-  // dweight accumulators: registers when the row fits, else this thread's columns of dw_row
-  // (zeroed here; only this thread ever touches them, so no barrier is needed).
-  float dw_acc[kVecsPerThread][VW];
+// Row in registers. D % VW == 0, D / VW <= kBwdVecs * TPR, all pointers aligned to Pack<T, VW>.
+// Same load discipline as the forward kernel: all loads of a pass first, then the arithmetic.
+template <typename T, int VW>
+__global__ void __launch_bounds__(kBwdMaxThreads)
+rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
+                    const T* __restrict__ dresidual,   // [N, D] gradient of residual_out, or nullptr
+                    const T* __restrict__ s,           // [N, D] the normalised input
+                    const T* __restrict__ weight,      // [D]
+                    const float* __restrict__ rstd,    // [N]
+                    T* __restrict__ dx,                // [N, D]
+                    float* __restrict__ dw_partial,    // [G * RPB, D]
+                    int64_t N, int D) {
+  __shared__ float smem[kBwdMaxThreads / cuda::kWarpSize];
+  const int nvec = D / VW;  // packs per row; this thread's are i = k * TPR + tx, k < kBwdVecs
+  const float inv_d = 1.0f / static_cast<float>(D);
+  float dw_acc[kBwdVecs][VW];  // sum over this group's rows of dy * xhat, this thread's columns
 #pragma unroll
-  for (int k = 0; k < kVecsPerThread; ++k)
+  for (int k = 0; k < kBwdVecs; ++k)
 #pragma unroll
     for (int e = 0; e < VW; ++e) dw_acc[k][e] = 0.0f;
-  if (!in_regs)
-    for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x)
-      for (int e = 0; e < VW; ++e) dw_row[i * VW + e] = 0.0f;
 
   for (int64_t rb = blockIdx.x; rb * blockDim.y < N; rb += gridDim.x) {  // uniform over the block
     const int64_t row = rb * blockDim.y + threadIdx.y;
     const bool valid = row < N;
+    const int64_t off = valid ? row * D : 0;
     const float r = valid ? rstd[row] : 0.0f;
-    const int64_t base = row * D;
 
-    // Pass 1: dot = sum(g * xhat); dweight += dy * xhat.
-    Pack<T, VW> dyv[kVecsPerThread], sv[kVecsPerThread];
+    // Pass 1: dot = sum(dy * w * xhat); dweight += dy * xhat (absent packs are zeros: no-ops).
+    Pack<T, VW> dyv[kBwdVecs], sv[kBwdVecs];
+#pragma unroll
+    for (int k = 0; k < kBwdVecs; ++k) {
+      const int i = k * blockDim.x + threadIdx.x;
+      dyv[k] = valid && i < nvec ? load_pack<T, VW>(dy + off + i * VW) : Pack<T, VW>{};
+      sv[k] = valid && i < nvec ? load_pack<T, VW>(s + off + i * VW) : Pack<T, VW>{};
+    }
     float dot = 0.0f;
-    if (valid) {
-      for (int64_t c0 = 0; c0 < nvec; c0 += chunk) {
 #pragma unroll
-        for (int k = 0; k < kVecsPerThread; ++k) {
-          const int64_t i = c0 + k * blockDim.x + threadIdx.x;
-          if (i < nvec) {
-            dyv[k] = load_pack<T, VW>(dy + base + i * VW);
-            sv[k] = load_pack<T, VW>(s + base + i * VW);
-            const Pack<T, VW> w = load_pack<T, VW>(weight + i * VW);
+    for (int k = 0; k < kBwdVecs; ++k) {
+      const int i = k * blockDim.x + threadIdx.x;
+      const Pack<T, VW> w = load_pack<T, VW>(weight + min(i, nvec - 1) * VW);
 #pragma unroll
-            for (int e = 0; e < VW; ++e) {
-              const float d = to_float(dyv[k].v[e]);
-              const float xhat = to_float(sv[k].v[e]) * r;
-              dot += d * to_float(w.v[e]) * xhat;
-              if (in_regs) dw_acc[k][e] += d * xhat;
-              else dw_row[i * VW + e] += d * xhat;
-            }
-          }
-        }
+      for (int e = 0; e < VW; ++e) {
+        const float d = to_float(dyv[k].v[e]), xhat = to_float(sv[k].v[e]) * r;
+        dot += d * to_float(w.v[e]) * xhat;
+        dw_acc[k][e] += d * xhat;
       }
     }
-    const float mean = group_reduce_sum(dot, smem) * inv_d;
+    const float rm = r * (group_reduce_sum(dot, smem) * inv_d);  // r * mean(g * xhat)
 
-    // Pass 2: dx = r * (g - xhat * mean) (+ dresidual).
+    // Pass 2: dx = r * (dy * w - xhat * mean) (+ dresidual), xhat * mean = s * rm.
     if (valid) {
-      for (int64_t c0 = 0; c0 < nvec; c0 += chunk) {
 #pragma unroll
-        for (int k = 0; k < kVecsPerThread; ++k) {
-          const int64_t i = c0 + k * blockDim.x + threadIdx.x;
-          if (i < nvec) {
-            const Pack<T, VW> d = in_regs ? dyv[k] : load_pack<T, VW>(dy + base + i * VW);
-            const Pack<T, VW> sk = in_regs ? sv[k] : load_pack<T, VW>(s + base + i * VW);
-            const Pack<T, VW> w = load_pack<T, VW>(weight + i * VW);
-            float ds[VW];
+      for (int k = 0; k < kBwdVecs; ++k) {
+        const int i = k * blockDim.x + threadIdx.x;
+        const Pack<T, VW> w = load_pack<T, VW>(weight + min(i, nvec - 1) * VW);
+        const Pack<T, VW> dr = dresidual != nullptr && i < nvec ? load_pack<T, VW>(dresidual + off + i * VW)
+                                                                : Pack<T, VW>{};
+        float ds[VW];
 #pragma unroll
-            for (int e = 0; e < VW; ++e) {
-              const float g = to_float(d.v[e]) * to_float(w.v[e]);
-              ds[e] = r * (g - to_float(sk.v[e]) * r * mean);
-            }
-            if (dresidual != nullptr) {
-              const Pack<T, VW> dr = load_pack<T, VW>(dresidual + base + i * VW);
-#pragma unroll
-              for (int e = 0; e < VW; ++e) ds[e] += to_float(dr.v[e]);
-            }
-            store_pack<T, VW>(dx + base + i * VW, cuda::float_to_pack<T, VW>(ds));
-          }
-        }
+        for (int e = 0; e < VW; ++e)
+          ds[e] = r * (to_float(dyv[k].v[e]) * to_float(w.v[e]) - to_float(sv[k].v[e]) * rm) + to_float(dr.v[e]);
+        if (i < nvec) store_pack<T, VW>(dx + off + i * VW, cuda::float_to_pack<T, VW>(ds));
       }
     }
   }
 
-  if (in_regs) {
+  float* dw_row = dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D;
 #pragma unroll
-    for (int k = 0; k < kVecsPerThread; ++k) {
-      const int64_t i = static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
-      if (i < nvec)
+  for (int k = 0; k < kBwdVecs; ++k) {
+    const int i = k * blockDim.x + threadIdx.x;
+    if (i < nvec)
 #pragma unroll
-        for (int e = 0; e < VW; ++e) dw_row[i * VW + e] = dw_acc[k][e];
+      for (int e = 0; e < VW; ++e) dw_row[i * VW + e] = dw_acc[k][e];
+  }
+}
+
+// Any D and alignment: scalar loops, the dweight partial accumulated in place in dw_partial (each
+// element is only ever touched by one thread: no barrier, no atomics).
+template <typename T>
+__global__ void __launch_bounds__(kLoopMaxThreads)
+rms_norm_bwd_rowloop_kernel(const T* __restrict__ dy, const T* __restrict__ dresidual,
+                            const T* __restrict__ s, const T* __restrict__ weight,
+                            const float* __restrict__ rstd, T* __restrict__ dx,
+                            float* __restrict__ dw_partial, int64_t N, int D) {
+  __shared__ float smem[kLoopMaxThreads / cuda::kWarpSize];
+  const float inv_d = 1.0f / static_cast<float>(D);
+  float* dw_row = dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D;
+  for (int j = threadIdx.x; j < D; j += blockDim.x) dw_row[j] = 0.0f;
+
+  for (int64_t rb = blockIdx.x; rb * blockDim.y < N; rb += gridDim.x) {  // uniform over the block
+    const int64_t row = rb * blockDim.y + threadIdx.y;
+    const bool valid = row < N;
+    const int64_t off = valid ? row * D : 0;
+    const float r = valid ? rstd[row] : 0.0f;
+    float dot = 0.0f;
+    if (valid) {
+      for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        const float d = to_float(dy[off + j]), xhat = to_float(s[off + j]) * r;
+        dot += d * to_float(weight[j]) * xhat;
+        dw_row[j] += d * xhat;
+      }
+    }
+    const float mean = group_reduce_sum(dot, smem) * inv_d;
+    if (valid) {
+      for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float ds = r * (to_float(dy[off + j]) * to_float(weight[j]) - to_float(s[off + j]) * r * mean);
+        if (dresidual != nullptr) ds += to_float(dresidual[off + j]);
+        dx[off + j] = from_float<T>(ds);
+      }
     }
   }
 }
@@ -244,9 +294,9 @@ template <typename T>
 __global__ void __launch_bounds__(kReduceCols * kReduceRows)
 rms_norm_bwd_dweight_kernel(const float* __restrict__ dw_partial,  // [P, D]
                             T* __restrict__ dweight,                // [D]
-                            int64_t P, int64_t D) {
+                            int64_t P, int D) {
   __shared__ float smem[kReduceRows][kReduceCols + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
+  const int col = blockIdx.x * kReduceCols + threadIdx.x;
   float acc = 0.0f;
   if (col < D)
     for (int64_t p = threadIdx.y; p < P; p += kReduceRows) acc += dw_partial[p * D + col];
@@ -263,52 +313,53 @@ rms_norm_bwd_dweight_kernel(const float* __restrict__ dw_partial,  // [P, D]
 // ------------------------------------------------------------------------------------------------
 // Launchers.
 
-int sm_count(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
-}
+template <typename T>
+using FwdKernel = void (*)(const T*, const T*, const T*, T*, T*, float*, int64_t, int, float);
+template <typename T>
+using BwdKernel = void (*)(const T*, const T*, const T*, const T*, const float*, T*, float*, int64_t, int);
 
-template <typename T, int VW>
-void launch_fwd(const at::Tensor& x, const T* residual, const at::Tensor& weight, at::Tensor& y,
-                T* residual_out, at::Tensor& rstd, float eps, cudaStream_t stream) {
-  const int64_t N = x.size(0), D = x.size(1);
-  const dim3 block = row_block(D / VW);
+template <typename T>
+void launch_fwd(FwdKernel<T> kernel, dim3 block, const at::Tensor& x, const T* residual,
+                const at::Tensor& weight, at::Tensor& y, T* residual_out, at::Tensor& rstd, float eps,
+                cudaStream_t stream) {
+  const int64_t N = x.size(0);
   const int64_t blocks = ceil_div<int64_t>(N, block.y);
   TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "rms_norm_fwd: too many rows (", N, ")");
-  rms_norm_fwd_kernel<T, VW><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
+  kernel<<<static_cast<unsigned>(blocks), block, 0, stream>>>(
       x.const_data_ptr<T>(), residual, weight.const_data_ptr<T>(), y.mutable_data_ptr<T>(), residual_out,
-      rstd.mutable_data_ptr<float>(), N, D, eps);
+      rstd.mutable_data_ptr<float>(), N, static_cast<int>(x.size(1)), eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int VW>
-void launch_bwd(const at::Tensor& dy, const T* dresidual, const at::Tensor& s, const at::Tensor& weight,
-                const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dweight, cudaStream_t stream) {
-  const int64_t N = dy.size(0), D = dy.size(1);
-  const dim3 block = row_block(D / VW);
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rms_norm_bwd_kernel<T, VW>,
-                                                               static_cast<int>(block.x * block.y), 0));
+template <typename T>
+void launch_bwd(BwdKernel<T> kernel, dim3 block, const at::Tensor& dy, const T* dresidual, const at::Tensor& s,
+                const at::Tensor& weight, const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dweight,
+                cudaStream_t stream) {
+  const int64_t N = dy.size(0);
+  const int D = static_cast<int>(dy.size(1));
+  // Persistent grid: as many blocks as fit on the GPU at once (fewer when there are fewer row groups).
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block.x * block.y, 0));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dy.get_device()));
   const int64_t grid = std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div<int64_t>(N, block.y), static_cast<int64_t>(std::max(per_sm, 1)) *
-                                                              sm_count(dy.get_device())));
+      1, std::min<int64_t>(ceil_div<int64_t>(N, block.y), static_cast<int64_t>(std::max(per_sm, 1)) * sms));
   const int64_t P = grid * block.y;  // partial rows
   at::Tensor dw_partial = at::empty({P, D}, dy.options().dtype(at::kFloat));
-  rms_norm_bwd_kernel<T, VW><<<static_cast<unsigned>(grid), block, 0, stream>>>(
+  kernel<<<static_cast<unsigned>(grid), block, 0, stream>>>(
       dy.const_data_ptr<T>(), dresidual, s.const_data_ptr<T>(), weight.const_data_ptr<T>(),
       rstd.const_data_ptr<float>(), dx.mutable_data_ptr<T>(), dw_partial.mutable_data_ptr<float>(), N, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const dim3 rblock(kReduceCols, kReduceRows);
-  rms_norm_bwd_dweight_kernel<T><<<static_cast<unsigned>(ceil_div<int64_t>(D, kReduceCols)), rblock, 0, stream>>>(
-      dw_partial.const_data_ptr<float>(), dweight.mutable_data_ptr<T>(), P, D);
+  rms_norm_bwd_dweight_kernel<T>
+      <<<static_cast<unsigned>(ceil_div(D, kReduceCols)), dim3(kReduceCols, kReduceRows), 0, stream>>>(
+          dw_partial.const_data_ptr<float>(), dweight.mutable_data_ptr<T>(), P, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// 16-byte packs when every row start of every tensor is 16-byte aligned, else scalars.
+// The row-in-registers kernels apply when rows hold whole 16-byte packs, every row start of every
+// tensor is 16-byte aligned, and D <= max_d; otherwise the row-loop kernels run.
 template <typename T>
-bool use_16b(int64_t D, std::initializer_list<const void*> ptrs) {
-  if ((D * static_cast<int64_t>(sizeof(T))) % 16 != 0) return false;
+bool use_16b(int64_t D, int64_t max_d, std::initializer_list<const void*> ptrs) {
+  if ((D * static_cast<int64_t>(sizeof(T))) % 16 != 0 || D > max_d) return false;
   for (const void* p : ptrs)
     if (p != nullptr && !is_aligned(p, 16)) return false;
   return true;
@@ -331,6 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tenso
   TORCH_CHECK(x.is_cuda(), "rms_norm_fwd_cuda: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), D = x.size(1);
+  TORCH_CHECK(D <= std::numeric_limits<int>::max(), "rms_norm_fwd: D = ", D, " is too large");
   at::Tensor y = at::empty_like(x);                                                        // [N, D]
   at::Tensor residual_out = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));                         // [N]
@@ -341,13 +393,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tenso
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   BAICHUAN_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rms_norm_fwd_cuda", [&] {
-    const scalar_t* res = opt_ptr<scalar_t>(residual);
-    scalar_t* res_out = residual.has_value() ? residual_out.mutable_data_ptr<scalar_t>() : nullptr;
-    if (use_16b<scalar_t>(D, {x.const_data_ptr(), res, weight.const_data_ptr(), y.const_data_ptr(), res_out})) {
-      launch_fwd<scalar_t, cuda::VecWidth<scalar_t>::k16B>(x, res, weight, y, res_out, rstd,
-                                                           static_cast<float>(eps), stream);
+    using T = scalar_t;
+    constexpr int VW = cuda::VecWidth<T>::k16B;
+    const T* res = opt_ptr<T>(residual);
+    T* res_out = residual.has_value() ? residual_out.mutable_data_ptr<T>() : nullptr;
+    const float epsf = static_cast<float>(eps);
+    if (use_16b<T>(D, kFwdVecs * kFwdMaxThreads * VW, {x.const_data_ptr(), res, weight.const_data_ptr(),
+                                                       y.const_data_ptr(), res_out})) {
+      launch_fwd<T>(rms_norm_fwd_kernel<T, VW>, row_block(D / VW, kFwdVecs, kFwdMaxThreads), x, res, weight, y,
+                    res_out, rstd, epsf, stream);
     } else {
-      launch_fwd<scalar_t, 1>(x, res, weight, y, res_out, rstd, static_cast<float>(eps), stream);
+      launch_fwd<T>(rms_norm_fwd_rowloop_kernel<T>, row_block(D, kLoopElems, kLoopMaxThreads), x, res, weight,
+                    y, res_out, rstd, epsf, stream);
     }
   });
   return {y, residual_out, rstd};
@@ -361,6 +418,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy,
   TORCH_CHECK(s.is_cuda(), "rms_norm_bwd_cuda: tensors must be on a CUDA device, got ", s.device());
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t N = s.size(0), D = s.size(1);
+  TORCH_CHECK(D <= std::numeric_limits<int>::max(), "rms_norm_bwd: D = ", D, " is too large");
   at::Tensor dx = at::empty_like(s);                     // [N, D]
   at::Tensor dweight = at::empty({D}, weight.options());  // [D]
   if (N == 0 || D == 0) {
@@ -369,12 +427,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy,
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   BAICHUAN_DISPATCH_FLOAT_HALF_BF16(s.scalar_type(), "rms_norm_bwd_cuda", [&] {
-    const scalar_t* dres = opt_ptr<scalar_t>(dresidual_out);
-    if (use_16b<scalar_t>(D, {dy.const_data_ptr(), dres, s.const_data_ptr(), weight.const_data_ptr(),
-                              dx.const_data_ptr()})) {
-      launch_bwd<scalar_t, cuda::VecWidth<scalar_t>::k16B>(dy, dres, s, weight, rstd, dx, dweight, stream);
+    using T = scalar_t;
+    constexpr int VW = cuda::VecWidth<T>::k16B;
+    const T* dres = opt_ptr<T>(dresidual_out);
+    if (use_16b<T>(D, kBwdVecs * kBwdMaxThreads * VW, {dy.const_data_ptr(), dres, s.const_data_ptr(),
+                                                       weight.const_data_ptr(), dx.const_data_ptr()})) {
+      launch_bwd<T>(rms_norm_bwd_kernel<T, VW>, row_block(D / VW, kBwdVecs, kBwdMaxThreads), dy, dres, s, weight,
+                    rstd, dx, dweight, stream);
     } else {
-      launch_bwd<scalar_t, 1>(dy, dres, s, weight, rstd, dx, dweight, stream);
+      launch_bwd<T>(rms_norm_bwd_rowloop_kernel<T>, row_block(D, kLoopElems, kLoopMaxThreads), dy, dres, s,
+                    weight, rstd, dx, dweight, stream);
     }
   });
   return {dx, dweight};

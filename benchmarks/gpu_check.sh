@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (H100/H200, no internet): build the extension for sm_90a, run the
+# GPU tests, run every benchmark, print a summary table LAST. Each step is time-boxed (≤ 8 minutes in
+# all on an H100) and a failed step does not stop the next; the exit code is non-zero if any failed.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          OUT_DIR: $1, else $OUT, else ./gpu_out
+#
+# Writes few files (the device tool returns at most 8, at most 2 folders deep):
+#   OUT_DIR/gpu_check.log                        everything printed below
+#   OUT_DIR/build.log, OUT_DIR/tests.log         the build and pytest logs
+#   OUT_DIR/bench/<device>-<yyyymmdd>.json|.md|.png   results (committable: benchmarks/results/README.md)
+#
+# Python wheels the image lacks (liger-kernel, ...) travel in .whl/*.whl and are installed with
+# --no-index --no-deps into /tmp/site (PYTHONPATH). Limits in seconds are overridable:
+# BUILD_TIMEOUT (180), TEST_TIMEOUT (90), BENCH_TIMEOUT (200). PYTHON picks the interpreter (python3).
+# Dry run of the non-GPU parts on a CPU machine:
+#   SKIP="build tests" BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/g
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-./gpu_out}}
+mkdir -p "$OUT_DIR/bench"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+STATUS=()
+NFAILED=0
+
+# run_step NAME LIMIT_S LOGFILE|- CMD...: time-boxed; a log file gets the output and its tail is shown
+run_step() {
+    local name=$1 limit=$2 log=$3 rc t0=$SECONDS
+    shift 3
+    echo
+    if [[ " ${SKIP:-} " == *" ${name%% *} "* ]]; then
+        echo "=== $name: skipped (SKIP=$SKIP) ==="
+        STATUS+=("skipped $name")
+        return 0
+    fi
+    echo "=== $name (limit ${limit}s) ==="
+    if [ "$log" = "-" ]; then
+        timeout -k 10 "$limit" "$@"
+        rc=$?
+    else
+        timeout -k 10 "$limit" "$@" >"$log" 2>&1
+        rc=$?
+        tail -n 30 "$log"
+    fi
+    local dt=$((SECONDS - t0)) why="exit $rc"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then why="timed out after ${limit}s"; fi
+    if [ "$rc" -eq 0 ]; then
+        STATUS+=("ok      $name (${dt}s)")
+    else
+        STATUS+=("FAILED  $name (${dt}s, $why)")
+        NFAILED=$((NFAILED + 1))
+    fi
+    return "$rc"
+}
+
+main() {
+    local t_start=$SECONDS
+    echo "=== machine ==="
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi || echo "nvidia-smi: not available"
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    git log -1 --format='git %H %s' 2>/dev/null || true
+
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        run_step "wheels from .whl/" 60 - \
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    "$PY" - <<'EOF'
+import sys, torch, triton
+print(f"python {sys.version.split()[0]}  torch {torch.__version__} (CUDA {torch.version.cuda})  triton {triton.__version__}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+          f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+try:
+    import liger_kernel.ops.rms_norm  # noqa: F401
+    from importlib.metadata import version
+    print("liger-kernel", version("liger-kernel"))
+except Exception as exc:
+    print(f"liger-kernel: not importable ({type(exc).__name__})")
+EOF
+
+    # The build: editable install, else an in-place build; then the CUDA kernels must be there.
+    run_step "build the extension (sm_90a)" "${BUILD_TIMEOUT:-180}" "$OUT_DIR/build.log" bash -c '
+        export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+        "$0" -m pip install --no-build-isolation --no-deps -e . \
+            || { echo "!! pip install -e . failed: python setup.py build_ext --inplace"; "$0" setup.py build_ext --inplace; } \
+            || exit 1
+        "$0" -c "import baichuan_kernels as bk; i = bk.build_info(); print(i); \
+print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"cuda\"], \"built without CUDA\""
+    ' "$PY"
+
+    run_step "tests on the GPU" "${TEST_TIMEOUT:-90}" "$OUT_DIR/tests.log" \
+        "$PY" -m pytest tests -q -x -m "not slow" -p no:cacheprovider
+
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+    run_step "benchmarks" "${BENCH_TIMEOUT:-200}" - \
+        "$PY" -m benchmarks ${BENCH_ARGS:---device cuda} --out "$OUT_DIR/bench" --name auto --one-plot
+
+    echo
+    echo "=== steps (total $((SECONDS - t_start))s) ==="
+    printf '%s\n' "${STATUS[@]}"
+    local json
+    json=$(ls -t "$OUT_DIR"/bench/*.json 2>/dev/null | head -n 1)
+    echo
+    echo "=== summary ==="
+    if [ -n "$json" ]; then
+        "$PY" -m benchmarks.report --summary "$json" || NFAILED=$((NFAILED + 1))
+    else
+        echo "no benchmark results"
+    fi
+    return $((NFAILED > 0))
+}
+
+main "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+exit "${PIPESTATUS[0]}"

@@ -1,0 +1,150 @@
+"""Tables from benchmark JSON files.
+
+    python -m benchmarks.report                       # README performance table from benchmarks/results/*.json
+    python -m benchmarks.report --write README.md     # ... replacing the text between the markers
+                                                      #     <!-- perf-table:begin --> and <!-- perf-table:end -->
+    python -m benchmarks.report --summary RUN.json    # per-row summary of one run (gpu_check.sh prints it last)
+
+The README table has one row per (device, op, shape, dtype, pass): our fastest backend, its GB/s and
+% of the copy bandwidth measured in the same run, and its speed-up over the eager reference, the
+reference under torch.compile and the fastest peer (Liger-Kernel, torch's fused op, ...). Only the
+newest file of each device is used. GPU results come first, then CPU results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Optional
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
+
+
+def load(paths: list[str]) -> list[dict]:
+    docs = []
+    for path in sorted(paths):
+        with open(path) as f:
+            doc = json.load(f)
+        doc["_file"] = os.path.basename(path)
+        docs.append(doc)
+    newest: dict[str, dict] = {}  # the newest run of each device
+    for doc in docs:
+        key = doc["meta"]["device"]
+        if key not in newest or doc["meta"]["date"] > newest[key]["meta"]["date"]:
+            newest[key] = doc
+    return list(newest.values())
+
+
+def _groups(doc: dict) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in doc["results"]:
+        groups.setdefault((r["op"], r["config"], r["dtype"], r["pass"]), []).append(r)
+    return groups
+
+
+def _fastest(rows: list[dict], kind: str) -> Optional[dict]:
+    rows = [r for r in rows if r["kind"] == kind]
+    return min(rows, key=lambda r: r["median_ms"]) if rows else None
+
+
+def _speedup(ours: dict, other: Optional[dict], label: bool = False) -> str:
+    if other is None:
+        return "—"
+    text = f"{other['median_ms'] / ours['median_ms']:.2f}×"
+    return f"{text} ({other['provider']})" if label else text
+
+
+def _gbps(r: dict) -> tuple[str, str]:
+    if r.get("gbps") is None:
+        return "—", "—"
+    return f"{r['gbps']:.0f}" if r["gbps"] >= 100 else f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%"
+
+
+def _device_label(doc: dict) -> str:
+    m = doc["meta"]
+    return f"{m['device']} ({m['date'][:10]})"
+
+
+def readme_table(docs: list[dict]) -> str:
+    header = ["device", "op", "shape", "dtype", "pass", "ours", "GB/s", "% copy BW", "vs eager", "vs compile", "vs best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    blank = ["—"] * (len(header) - 3)
+    for device_type, name in (("cuda", "GPU"), ("cpu", "CPU")):
+        picked = [d for d in docs if d["meta"].get("device_type") == device_type]
+        if not picked:
+            lines.append("| " + " | ".join([name, "—", f"no {name} results committed yet"] + blank) + " |")
+            continue
+        for doc in picked:
+            for (op, config, dtype, pass_), rows in _groups(doc).items():
+                ours = _fastest(rows, "ours")
+                if ours is None:
+                    continue
+                by_name = {r["provider"]: r for r in rows}
+                gbps, pct = _gbps(ours)
+                cells = [_device_label(doc), op, config, dtype, pass_, ours["provider"], gbps, pct,
+                         _speedup(ours, by_name.get("eager")), _speedup(ours, by_name.get("compile")),
+                         _speedup(ours, _fastest(rows, "peer"), label=True)]
+                lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"`{d['_file']}`: `{d['meta']['command']}`, torch {d['meta']['torch']}, triton {d['meta']['triton']}, "
+             f"git {str(d['meta'].get('git_sha'))[:10]}; copy {d['peaks']['copy_gbps']:.0f} GB/s"
+             + (f", bf16 matmul {d['peaks']['matmul_tflops']:.0f} TFLOP/s" if d["peaks"].get("matmul_tflops") else "")
+             for d in docs]
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
+
+
+def summary(doc: dict) -> str:
+    """Our providers, one row per case, with speed-ups over every baseline and peer present."""
+    from .common import text_table
+
+    others = list(dict.fromkeys(r["provider"] for r in doc["results"] if r["kind"] != "ours"))
+    header = ["op", "provider", "shape", "dtype", "pass", "ms", "GB/s", "% copy"] + [f"x {o}" for o in others]
+    rows = []
+    for (op, config, dtype, pass_), group in _groups(doc).items():
+        by_name = {r["provider"]: r for r in group}
+        for r in group:
+            if r["kind"] != "ours":
+                continue
+            gbps, pct = _gbps(r)
+            rows.append([op, r["provider"], config, dtype, pass_, f"{r['median_ms']:.3f}", gbps, pct]
+                        + [_speedup(r, by_name.get(o)).rstrip("×") for o in others])
+    peaks = doc["peaks"]
+    head = (f"{doc['meta']['device']}: copy {peaks['copy_gbps']:.0f} GB/s"
+            + (f", bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s" if peaks.get("matmul_tflops") else ""))
+    if not rows:
+        return head + "\n(no results of our backends)"
+    return head + "\n" + text_table(header, rows)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=RESULTS_DIR, help="folder of committed <device>-<yyyymmdd>.json files")
+    ap.add_argument("--write", metavar="README", help="replace the table between the perf-table markers in this file")
+    ap.add_argument("--summary", metavar="JSON", help="print the summary of one run instead")
+    args = ap.parse_args(argv)
+    if args.summary:
+        with open(args.summary) as f:
+            print(summary(json.load(f)))
+        return 0
+    table = readme_table(load(glob.glob(os.path.join(args.results, "*.json"))))
+    if not args.write:
+        print(table)
+        return 0
+    with open(args.write) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        print(f"{args.write} has no {BEGIN} ... {END} markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(args.write, "w") as f:
+        f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
