@@ -15,10 +15,6 @@ import pytest  # noqa: E402
 import baichuan_kernels  # noqa: E402,F401
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -177,6 +177,8 @@ rms_norm_fwd_rowloop_kernel(const T* __restrict__ x, const T* __restrict__ resid
 
 // Row in registers. D % VW == 0, D / VW <= kBwdVecs * TPR, all pointers aligned to Pack<T, VW>.
 // Same load discipline as the forward kernel: all loads of a pass first, then the arithmetic.
+// The fp32 dweight partial of each row group lives in dynamic shared memory [RPB, D] (registers
+// would not hold it beside the row): each thread only touches its own columns, so no barrier.
 template <typename T, int VW>
 __global__ void __launch_bounds__(kBwdMaxThreads)
 rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
@@ -187,14 +189,20 @@ rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
                     T* __restrict__ dx,                // [N, D]
                     float* __restrict__ dw_partial,    // [G * RPB, D]
                     int64_t N, int D) {
+  static_assert(VW % 4 == 0, "dweight accumulators are moved as float4");
+  using F4 = Pack<float, 4>;
   __shared__ float smem[kBwdMaxThreads / cuda::kWarpSize];
+  extern __shared__ F4 dw_smem[];                   // [RPB, D / 4]
+  F4* dw_acc = dw_smem + threadIdx.y * (D / 4);     // this row group's partial, as float4
   const int nvec = D / VW;  // packs per row; this thread's are i = k * TPR + tx, k < kBwdVecs
   const float inv_d = 1.0f / static_cast<float>(D);
-  float dw_acc[kBwdVecs][VW];  // sum over this group's rows of dy * xhat, this thread's columns
 #pragma unroll
-  for (int k = 0; k < kBwdVecs; ++k)
+  for (int k = 0; k < kBwdVecs; ++k) {
+    const int i = k * blockDim.x + threadIdx.x;
+    if (i < nvec)
 #pragma unroll
-    for (int e = 0; e < VW; ++e) dw_acc[k][e] = 0.0f;
+      for (int q = 0; q < VW / 4; ++q) dw_acc[i * (VW / 4) + q] = F4{};
+  }
 
   for (int64_t rb = blockIdx.x; rb * blockDim.y < N; rb += gridDim.x) {  // uniform over the block
     const int64_t row = rb * blockDim.y + threadIdx.y;
@@ -202,7 +210,7 @@ rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
     const int64_t off = valid ? row * D : 0;
     const float r = valid ? rstd[row] : 0.0f;
 
-    // Pass 1: dot = sum(dy * w * xhat); dweight += dy * xhat (absent packs are zeros: no-ops).
+    // Pass 1: dot = sum(dy * w * xhat); dweight += dy * xhat.
     Pack<T, VW> dyv[kBwdVecs], sv[kBwdVecs];
 #pragma unroll
     for (int k = 0; k < kBwdVecs; ++k) {
@@ -216,10 +224,17 @@ rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
       const int i = k * blockDim.x + threadIdx.x;
       const Pack<T, VW> w = load_pack<T, VW>(weight + min(i, nvec - 1) * VW);
 #pragma unroll
-      for (int e = 0; e < VW; ++e) {
-        const float d = to_float(dyv[k].v[e]), xhat = to_float(sv[k].v[e]) * r;
-        dot += d * to_float(w.v[e]) * xhat;
-        dw_acc[k][e] += d * xhat;
+      for (int e = 0; e < VW; ++e)  // absent packs are zeros: no contribution
+        dot += to_float(dyv[k].v[e]) * to_float(w.v[e]) * (to_float(sv[k].v[e]) * r);
+      if (valid && i < nvec) {
+#pragma unroll
+        for (int q = 0; q < VW / 4; ++q) {
+          F4 acc = dw_acc[i * (VW / 4) + q];
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc.v[e] += to_float(dyv[k].v[4 * q + e]) * (to_float(sv[k].v[4 * q + e]) * r);
+          dw_acc[i * (VW / 4) + q] = acc;
+        }
       }
     }
     const float rm = r * (group_reduce_sum(dot, smem) * inv_d);  // r * mean(g * xhat)
@@ -241,13 +256,13 @@ rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
     }
   }
 
-  float* dw_row = dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D;
+  F4* dw_row = reinterpret_cast<F4*>(dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D);
 #pragma unroll
   for (int k = 0; k < kBwdVecs; ++k) {
     const int i = k * blockDim.x + threadIdx.x;
     if (i < nvec)
 #pragma unroll
-      for (int e = 0; e < VW; ++e) dw_row[i * VW + e] = dw_acc[k][e];
+      for (int q = 0; q < VW / 4; ++q) dw_row[i * (VW / 4) + q] = dw_acc[i * (VW / 4) + q];
   }
 }
 
@@ -331,21 +346,25 @@ void launch_fwd(FwdKernel<T> kernel, dim3 block, const at::Tensor& x, const T* r
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// smem_bytes: dynamic shared memory per block (the row-in-registers kernel's dweight partials).
 template <typename T>
-void launch_bwd(BwdKernel<T> kernel, dim3 block, const at::Tensor& dy, const T* dresidual, const at::Tensor& s,
-                const at::Tensor& weight, const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dweight,
-                cudaStream_t stream) {
+void launch_bwd(BwdKernel<T> kernel, dim3 block, size_t smem_bytes, const at::Tensor& dy, const T* dresidual,
+                const at::Tensor& s, const at::Tensor& weight, const at::Tensor& rstd, at::Tensor& dx,
+                at::Tensor& dweight, cudaStream_t stream) {
   const int64_t N = dy.size(0);
   const int D = static_cast<int>(dy.size(1));
+  if (smem_bytes > 48 * 1024)  // opt in beyond the default 48 KiB (D > 12288 in 16-bit types)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
   // Persistent grid: as many blocks as fit on the GPU at once (fewer when there are fewer row groups).
   int per_sm = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block.x * block.y, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block.x * block.y, smem_bytes));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dy.get_device()));
   const int64_t grid = std::max<int64_t>(
       1, std::min<int64_t>(ceil_div<int64_t>(N, block.y), static_cast<int64_t>(std::max(per_sm, 1)) * sms));
   const int64_t P = grid * block.y;  // partial rows
   at::Tensor dw_partial = at::empty({P, D}, dy.options().dtype(at::kFloat));
-  kernel<<<static_cast<unsigned>(grid), block, 0, stream>>>(
+  kernel<<<static_cast<unsigned>(grid), block, smem_bytes, stream>>>(
       dy.const_data_ptr<T>(), dresidual, s.const_data_ptr<T>(), weight.const_data_ptr<T>(),
       rstd.const_data_ptr<float>(), dx.mutable_data_ptr<T>(), dw_partial.mutable_data_ptr<float>(), N, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -432,10 +451,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy,
     const T* dres = opt_ptr<T>(dresidual_out);
     if (use_16b<T>(D, kBwdVecs * kBwdMaxThreads * VW, {dy.const_data_ptr(), dres, s.const_data_ptr(),
                                                        weight.const_data_ptr(), dx.const_data_ptr()})) {
-      launch_bwd<T>(rms_norm_bwd_kernel<T, VW>, row_block(D / VW, kBwdVecs, kBwdMaxThreads), dy, dres, s, weight,
-                    rstd, dx, dweight, stream);
+      const dim3 block = row_block(D / VW, kBwdVecs, kBwdMaxThreads);
+      launch_bwd<T>(rms_norm_bwd_kernel<T, VW>, block, block.y * D * sizeof(float), dy, dres, s, weight, rstd, dx,
+                    dweight, stream);
     } else {
-      launch_bwd<T>(rms_norm_bwd_rowloop_kernel<T>, row_block(D, kLoopElems, kLoopMaxThreads), dy, dres, s,
+      launch_bwd<T>(rms_norm_bwd_rowloop_kernel<T>, row_block(D, kLoopElems, kLoopMaxThreads), 0, dy, dres, s,
                     weight, rstd, dx, dweight, stream);
     }
   });
