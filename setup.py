@@ -68,7 +68,7 @@ def extension_modules():
 
     sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     defines = [f'-DBAICHUAN_VERSION="{read_version()}"']
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-function"] + defines
+    cxx = ["-O3", "-fopenmp", "-Wno-unused-function"] + defines
     if cpu_supports_avx2_fma():
         cxx += ["-mavx2", "-mfma"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -90,7 +90,7 @@ def extension_modules():
     print(f"[baichuan_kernels] building CPU + CUDA kernels for {archs} (CUDA_HOME={os.environ['CUDA_HOME']})",
           file=sys.stderr)
     cuda_defines = defines + ["-DBAICHUAN_WITH_CUDA", f'-DBAICHUAN_CUDA_ARCHS="{archs}"']
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_defines
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + cuda_defines
     return [CUDAExtension(
         "baichuan_kernels._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),

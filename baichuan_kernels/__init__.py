@@ -10,7 +10,7 @@ from .ops.rms_norm import rms_norm
 from . import nn, testing  # noqa: E402  (modules: bk.nn.RMSNorm, ...; test helpers)
 # --- reference-backed ops (issue 2); kernels land in later issues ---
 from .ops.swiglu import swiglu
-from .ops.rope import rope_cos_sin, apply_rope
+from .ops.rope import rope_cos_sin, apply_rope, apply_rope_
 from .ops.split_qkv_rope import split_qkv_rope
 from .ops.alibi import alibi_slopes
 from .ops.attention import attention
@@ -28,6 +28,7 @@ __all__ = [
     "swiglu",
     "rope_cos_sin",
     "apply_rope",
+    "apply_rope_",
     "split_qkv_rope",
     "alibi_slopes",
     "attention",

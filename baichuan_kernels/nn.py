@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Mapping, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .ops.alibi import alibi_slopes
+from .ops.attention import attention
+from .ops.decode_attention import decode_attention
+from .ops.norm_head import norm_head_weight
 from .ops.rms_norm import rms_norm
+from .ops.rope import rope_cos_sin
+from .ops.split_qkv_rope import split_qkv_rope
+from .ops.swiglu import swiglu
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "SwiGLU", "RotaryEmbedding", "AlibiSlopes", "Attention", "NormHead", "backend_for"]
+
+# A backend name for every op a module calls, or a mapping {op_name: backend, "default": backend}.
+BackendSpec = Union[str, Mapping[str, str]]
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +31,10 @@ class RMSNorm(nn.Module):
     cast to the activation dtype on the way in (fp32 master weights under bf16 compute).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, dim: int, eps: float = 1e-6, *, backend: BackendSpec = "auto", device=None, dtype=None):
         super().__init__()
         self.eps = eps
-        self.backend = backend
+        self.backend = backend_for(backend, "rms_norm")
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
@@ -31,3 +43,195 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, backend={self.backend!r}"
+
+
+def backend_for(backend: BackendSpec, op: str) -> str:
+    """The backend name for ``op``: ``backend`` itself, or ``backend[op]`` / ``backend["default"]``."""
+    if isinstance(backend, str):
+        return backend
+    return backend.get(op, backend.get("default", "auto"))
+
+
+class SwiGLU(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` (Baichuan 2's MLP, no biases).
+
+    ``fused=False`` keeps the Hugging Face layout (``gate_proj``, ``up_proj``, ``down_proj``);
+    ``fused=True`` holds gate and up as one ``gate_up_proj`` weight ``[2F, D]`` (rows [0:F) gate,
+    [F:2F) up), one matmul instead of two.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, *, fused: bool = False, backend: BackendSpec = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        self.fused = fused
+        self.hidden_dim = hidden_dim
+        self.backend = backend_for(backend, "swiglu")
+        kw = dict(bias=False, device=device, dtype=dtype)
+        if fused:
+            self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, **kw)
+        else:
+            self.gate_proj = nn.Linear(dim, hidden_dim, **kw)
+            self.up_proj = nn.Linear(dim, hidden_dim, **kw)
+        self.down_proj = nn.Linear(hidden_dim, dim, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).split(self.hidden_dim, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(swiglu(gate, up, backend=self.backend))
+
+
+class RotaryEmbedding(nn.Module):
+    """fp32 rotate-half RoPE tables ``cos, sin: [S, Dh]`` (``bk.rope_cos_sin``), grown on demand.
+
+    The tables are plain attributes, not buffers: they never enter the state_dict, are never cast
+    by ``model.to(bfloat16)`` (they must stay fp32, spec §4) and are rebuilt on the device asked
+    for. ``tables(n, device)`` returns tables with at least ``n`` rows: past ``max_positions`` they
+    are extended (no interpolation or NTK scaling, as in the released 7B code).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int = 4096, base: float = 10000.0, *,
+                 backend: BackendSpec = "auto"):
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.base = base
+        self.backend = backend_for(backend, "rope_cos_sin")
+        self._cos: Optional[torch.Tensor] = None
+        self._sin: Optional[torch.Tensor] = None
+
+    def tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        cos = self._cos
+        if cos is None or cos.device != device or cos.shape[0] < n:
+            rows = max(n, self.max_positions)
+            self._cos, self._sin = rope_cos_sin(rows, self.head_dim, self.base, device=device, backend=self.backend)
+        return self._cos, self._sin
+
+    def forward(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tables(n, device)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_positions={self.max_positions}, base={self.base}"
+
+
+class AlibiSlopes(nn.Module):
+    """fp32 ALiBi slopes ``[H]`` (``bk.alibi_slopes``), a plain attribute moved lazily to the device."""
+
+    def __init__(self, num_heads: int, *, backend: BackendSpec = "auto"):
+        super().__init__()
+        self.num_heads = num_heads
+        self._slopes = alibi_slopes(num_heads, backend=backend_for(backend, "alibi_slopes"))
+
+    def forward(self, device) -> torch.Tensor:
+        if self._slopes.device != torch.device(device):
+            self._slopes = self._slopes.to(device)
+        return self._slopes
+
+
+class Attention(nn.Module):
+    """Baichuan 2 self-attention: fused QKV ``W_pack [3D, D]`` → RoPE (``split_qkv_rope``) or ALiBi →
+    causal ``bk.attention`` → ``o_proj [D, D]``. No biases.
+
+    ``forward(x, cos=, sin=, position_ids=, alibi_slopes=, cu_seqlens=, max_seqlen=, cache=)``:
+
+    * ``x: [B, T, D]`` dense batches (every row a full causal sequence), or ``x: [1, N, D]`` with
+      ``cu_seqlens`` for packed/unpadded sequences (varlen attention, no T×T mask anywhere);
+    * ``position_ids [B, T]`` select RoPE rows (default ``0..T-1``); RoPE needs ``cos, sin``;
+    * ``cache = (k_cache, v_cache, rows, cols, seqlens)`` writes this call's keys/values into the
+      ``[B, S_max, H, Dh]`` caches at ``[rows, cols]`` (one per token). With ``seqlens`` (int32
+      ``[B]``, lengths after the write) the call is a decode step (``x: [B, 1, D]``, through
+      ``bk.decode_attention``); without, a prefill of empty caches (plain attention over ``x``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, pos_emb: str, backend: BackendSpec = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if pos_emb not in ("rope", "alibi"):
+            raise ValueError(f"pos_emb must be 'rope' or 'alibi', got {pos_emb!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads, self.head_dim, self.pos_emb = dim, num_heads, dim // num_heads, pos_emb
+        self.qkv_backend = backend_for(backend, "split_qkv_rope")
+        self.attn_backend = backend_for(backend, "attention")
+        self.decode_backend = backend_for(backend, "decode_attention")
+        self.W_pack = nn.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x, *, cos=None, sin=None, position_ids=None, alibi_slopes=None,
+                cu_seqlens=None, max_seqlen=None, cache=None):
+        B, T, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        qkv = self.W_pack(x)  # [B, T, 3D]
+        if self.pos_emb == "rope":
+            q, k, v = split_qkv_rope(qkv, cos, sin, num_heads=H, position_ids=position_ids,
+                                     backend=self.qkv_backend)  # each [B, T, H, Dh]
+            slopes = None
+        else:
+            q, k, v = (t.contiguous() for t in qkv.view(B, T, 3, H, Dh).unbind(dim=2))  # each [B, T, H, Dh]
+            slopes = alibi_slopes
+        if cache is not None:
+            k_cache, v_cache, rows, cols, seqlens = cache
+            k_cache[rows, cols] = k.reshape(-1, H, Dh).to(k_cache.dtype)
+            v_cache[rows, cols] = v.reshape(-1, H, Dh).to(v_cache.dtype)
+            if seqlens is not None:  # decode: one new token per row, attend over the cache
+                o = decode_attention(q, k_cache, v_cache, seqlens, alibi_slopes=slopes,
+                                     backend=self.decode_backend)  # [B, 1, H, Dh]
+                return self.o_proj(o.reshape(B, T, D))
+        if cu_seqlens is not None:  # packed sequences in one row: [1, N, ...]
+            o = attention(q[0], k[0], v[0], causal=True, alibi_slopes=slopes, cu_seqlens=cu_seqlens,
+                          max_seqlen=max_seqlen, backend=self.attn_backend)[None]  # [1, N, H, Dh]
+        else:
+            o = attention(q, k, v, causal=True, alibi_slopes=slopes, backend=self.attn_backend)  # [B, T, H, Dh]
+        return self.o_proj(o.reshape(B, T, D))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, pos_emb={self.pos_emb!r}"
+
+
+class NormHead(nn.Module):
+    """Baichuan 2's LM head: ``logits = h @ normalize(W)ᵀ`` with ``W: [V, D]`` rows L2-normalised
+    (``bk.norm_head_weight``, eps 1e-12). ``normalize=False`` gives a plain linear head.
+
+    The parameter always holds the raw (un-normalised) rows, as released checkpoints store them.
+    Train mode normalises on every forward (gradients flow through the normalisation); eval mode
+    caches the normalised weight until the parameter changes (in-place update, new tensor or
+    device/dtype move) or the module goes back to train mode.
+    """
+
+    def __init__(self, dim: int, vocab_size: int, *, normalize: bool = True, backend: BackendSpec = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        self.normalize = normalize
+        self.backend = backend_for(backend, "norm_head_weight")
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim, device=device, dtype=dtype))
+        self._cache: Optional[tuple] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # U(±1/sqrt(D)), as the HF NormHead
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def normalized_weight(self) -> torch.Tensor:
+        w = self.weight
+        if not self.normalize:
+            return w
+        if self.training or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return norm_head_weight(w, backend=self.backend)
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, norm_head_weight(w, backend=self.backend))
+        return self._cache[1]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.normalized_weight()
+        return F.linear(h, w if w.dtype == h.dtype else w.to(h.dtype))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}, normalize={self.normalize}"

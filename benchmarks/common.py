@@ -300,8 +300,10 @@ def collect_meta(device: torch.device, command: str) -> dict:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "git_sha": _run(["git", "-C", root, "rev-parse", "HEAD"]),
-        "git_dirty": bool(_run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])),
+        # a copied working tree without .git (the GPU machine) gets the sha from BENCH_GIT_SHA
+        "git_sha": _run(["git", "-C", root, "rev-parse", "HEAD"]) or os.environ.get("BENCH_GIT_SHA"),
+        "git_dirty": (None if _run(["git", "-C", root, "rev-parse", "HEAD"]) is None
+                      else bool(_run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]))),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,

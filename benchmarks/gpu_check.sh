@@ -12,7 +12,8 @@
 #
 # Python wheels the image lacks (liger-kernel, ...) travel in .whl/*.whl and are installed with
 # --no-index --no-deps into /tmp/site (PYTHONPATH). Limits in seconds are overridable:
-# BUILD_TIMEOUT (180), TEST_TIMEOUT (90), BENCH_TIMEOUT (200). PYTHON picks the interpreter (python3).
+# BUILD_TIMEOUT (180), TEST_TIMEOUT (100), BENCH_TIMEOUT (190). PYTHON picks the interpreter (python3).
+# Where the tree was copied without .git, name the commit for the metadata: BENCH_GIT_SHA=<sha>.
 # Dry run of the non-GPU parts on a CPU machine:
 #   SKIP="build tests" BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/g
 set -uo pipefail
@@ -61,7 +62,7 @@ main() {
     date -u +%Y-%m-%dT%H:%M:%SZ
     nvidia-smi || echo "nvidia-smi: not available"
     command -v nvcc >/dev/null && nvcc --version | tail -n 2
-    git log -1 --format='git %H %s' 2>/dev/null || true
+    git log -1 --format='git %H %s' 2>/dev/null || echo "git: no repository here; BENCH_GIT_SHA=${BENCH_GIT_SHA:-unset}"
 
     if compgen -G ".whl/*.whl" >/dev/null; then
         run_step "wheels from .whl/" 60 - \
@@ -93,11 +94,11 @@ EOF
 print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"cuda\"], \"built without CUDA\""
     ' "$PY"
 
-    run_step "tests on the GPU" "${TEST_TIMEOUT:-90}" "$OUT_DIR/tests.log" \
+    run_step "tests on the GPU" "${TEST_TIMEOUT:-100}" "$OUT_DIR/tests.log" \
         "$PY" -m pytest tests -q -x -m "not slow" -p no:cacheprovider
 
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-    run_step "benchmarks" "${BENCH_TIMEOUT:-200}" - \
+    run_step "benchmarks" "${BENCH_TIMEOUT:-190}" - \
         "$PY" -m benchmarks ${BENCH_ARGS:---device cuda} --out "$OUT_DIR/bench" --name auto --one-plot
 
     echo

@@ -1,5 +1,6 @@
-"""minitrain: a compact trainer for Baichuan 2 on baichuan_kernels.
+"""minitrain: Baichuan 2 on baichuan_kernels — config, model, HF checkpoints, generation.
 
-Package stub: the config, model, data and training loop land with the model and trainer issues
-(DESIGN.md §1 lists the files).
+``minitrain.config.PRESETS`` ("7b", "13b", "tiny-rope", "tiny-alibi"), ``minitrain.model.Baichuan2``,
+``minitrain.hf.load_hf_checkpoint`` / ``save_hf_checkpoint``, ``minitrain.generate.generate``; the
+CLI is ``python -m minitrain`` (DESIGN.md §1 lists the files still to come: data, train, distributed).
 """

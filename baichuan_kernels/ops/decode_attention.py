@@ -1,4 +1,12 @@
-"""``decode_attention``: the public op (reference backend; kernels arrive in later issues)."""
+"""``decode_attention``: every backend of single-token attention over a KV cache.
+
+* reference — :func:`baichuan_kernels.reference.decode_attention.decode_attention_ref`
+* cpu, cuda — ``torch.ops.baichuan.decode_attention_fwd`` (csrc/cpu/decode_attention.cpp,
+  csrc/cuda/decode_attention.cu; the cuda backend refuses when the build has no CUDA kernel for it)
+* triton    — ``torch.ops.baichuan_triton.decode_attention_fwd`` (split-K flash-decoding)
+
+Inference only: the kernels have no backward, so inputs that need a gradient go to the reference.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +14,57 @@ from typing import Optional
 
 import torch
 
-from .. import registry
+from .. import _extension, registry
 from .._validation import FLOAT_DTYPES_F64, check_same_device, check_same_dtype, check_shape, check_tensor
 from ..reference.decode_attention import decode_attention_ref
-from .attention import check_alibi_slopes, check_softmax_scale
+from ..registry import Backend, Impl
+from .attention import HEAD_DIMS, _has_cuda_kernel, _needs_grad, check_alibi_slopes, check_softmax_scale
 
 __all__ = ["decode_attention"]
 
-registry.register("decode_attention")
+_KERNELS: dict[Backend, object] = {}
+
+
+def _fwd_fake(q, k_cache, v_cache, cache_seqlens, alibi_slopes, softmax_scale):
+    return torch.empty_like(q)  # [B, H, Dh]
+
+
+_CUDA_FWD = _has_cuda_kernel("baichuan::decode_attention_fwd")
+
+if _extension.extension_error() is None:
+    torch.library.register_fake(torch.ops.baichuan.decode_attention_fwd.default)(_fwd_fake)
+    _KERNELS[Backend.CPU] = torch.ops.baichuan.decode_attention_fwd.default
+    if _extension.cuda_compiled():
+        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]
+if registry.TRITON_IMPORT_ERROR is None:
+    from ..triton import decode_attention as _triton  # noqa: F401
+
+    torch.library.register_fake(torch.ops.baichuan_triton.decode_attention_fwd.default)(_fwd_fake)
+    _KERNELS[Backend.TRITON] = torch.ops.baichuan_triton.decode_attention_fwd.default
+
+
+def _kernel_limits(q, k_cache, v_cache, cache_seqlens, **kwargs) -> Optional[str]:
+    if q.dtype == torch.float64:
+        return "float64 runs on the reference backend only"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"the decode attention kernels support head dims Dh in {HEAD_DIMS}, got Dh = {q.shape[-1]}"
+    if _needs_grad(q, k_cache, v_cache):
+        return "the decode attention kernels have no backward (inputs require grad)"
+    return None
+
+
+def _cuda_limits(q, k_cache, v_cache, cache_seqlens, **kwargs) -> Optional[str]:
+    if not _CUDA_FWD:
+        return "this build has no CUDA kernel for baichuan::decode_attention_fwd"
+    return _kernel_limits(q, k_cache, v_cache, cache_seqlens, **kwargs)
+
+
+registry.register(
+    "decode_attention",
+    Impl(Backend.CUDA, _cuda_limits),
+    Impl(Backend.TRITON, _kernel_limits),
+    Impl(Backend.CPU, _kernel_limits),
+)
 
 
 def decode_attention(
@@ -51,10 +102,16 @@ def decode_attention(
         raise ValueError(f"cache_seqlens must lie in [0, S_max={S_max}], got values in [{lo}, {hi}]")
     check_alibi_slopes(alibi_slopes, H, q, "q")
     check_softmax_scale(softmax_scale)
-    registry.resolve(
+    chosen = registry.resolve(
         "decode_attention", backend, (q, k_cache, v_cache, cache_seqlens, alibi_slopes),
         q, k_cache, v_cache, cache_seqlens, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale,
     )
-    return decode_attention_ref(
-        q, k_cache, v_cache, cache_seqlens, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale
-    )
+    if chosen is Backend.REFERENCE:
+        return decode_attention_ref(
+            q, k_cache, v_cache, cache_seqlens, alibi_slopes=alibi_slopes, softmax_scale=softmax_scale
+        )
+    scale = float(softmax_scale) if softmax_scale is not None else Dh ** -0.5
+    slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else None
+    out = _KERNELS[chosen](q[:, 0].contiguous(), k_cache.contiguous(), v_cache.contiguous(),
+                           cache_seqlens.contiguous(), slopes, scale)  # [B, H, Dh]
+    return out.view(B, 1, H, Dh)

@@ -1,4 +1,12 @@
-"""``split_qkv_rope``: the public op (reference backend; kernels arrive in later issues)."""
+"""split_qkv_rope: the one file that knows every backend of the fused W_pack split + RoPE.
+
+* reference — :func:`baichuan_kernels.reference.split_qkv_rope.split_qkv_rope_ref`
+* cpu, cuda — ``torch.ops.baichuan.split_qkv_rope_fwd/bwd`` (csrc/cpu/rope.cpp, csrc/cuda/rope.cu)
+* triton    — ``torch.ops.baichuan_triton.split_qkv_rope_fwd/bwd`` (baichuan_kernels/triton/split_qkv_rope.py)
+
+Forward: ``qkv`` read once, q/k (rotated) and v written once. Backward: ``dq, dk, dv`` (any strides
+with unit stride along Dh) read once, ``dqkv`` written once (the transposed rotation for dq, dk).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +14,69 @@ from typing import Optional
 
 import torch
 
-from .. import registry
+from .. import _extension, registry
 from .._validation import FLOAT_DTYPES_F64, check_tensor
 from ..reference.split_qkv_rope import split_qkv_rope_ref
-from .rope import _check_cos_sin, _check_int, _check_positions
+from ..registry import Backend, Impl
+from .rope import _check_cos_sin, _check_int, _check_positions, heads_view, kernel_limits, kernel_tables
 
 __all__ = ["split_qkv_rope"]
 
-registry.register("split_qkv_rope")
+# Kernel ops per backend: (forward op, backward op).
+_KERNELS: dict[Backend, tuple] = {}
+
+
+def _fwd_fake(qkv, cos, sin, position_ids, num_heads):
+    B, T, three_d = qkv.shape
+    shape = (B, T, num_heads, three_d // (3 * num_heads))
+    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+
+
+def _bwd_fake(dq, dk, dv, cos, sin, position_ids):
+    B, T, H, Dh = dq.shape
+    return dq.new_empty((B, T, 3 * H * Dh))
+
+
+def _setup_context(ctx, inputs, output):
+    _qkv, cos, sin, position_ids, _num_heads = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, dq, dk, dv):
+        cos, sin, position_ids = ctx.saved_tensors
+        dqkv = bwd_op(heads_view(dq), heads_view(dk), heads_view(dv), cos, sin, position_ids)
+        return dqkv, None, None, None, None
+
+    return backward
+
+
+def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
+    torch.library.register_fake(fwd_op)(_fwd_fake)
+    torch.library.register_fake(bwd_op)(_bwd_fake)
+    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
+    _KERNELS[backend] = (fwd_op, bwd_op)
+
+
+if _extension.extension_error() is None:
+    _register_kernel(Backend.CPU, torch.ops.baichuan.split_qkv_rope_fwd.default,
+                     torch.ops.baichuan.split_qkv_rope_bwd.default)
+    if _extension.cuda_compiled():
+        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]  # the same torch op, dispatched by device
+if registry.TRITON_IMPORT_ERROR is None:
+    from ..triton import split_qkv_rope as _triton  # noqa: F401  (torch.ops.baichuan_triton.split_qkv_rope_*)
+
+    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.split_qkv_rope_fwd.default,
+                     torch.ops.baichuan_triton.split_qkv_rope_bwd.default)
+
+
+def _limits(qkv, cos, sin, num_heads=None, position_ids=None) -> Optional[str]:
+    return kernel_limits(qkv, cos, sin)
+
+
+registry.register(
+    "split_qkv_rope", Impl(Backend.CUDA, _limits), Impl(Backend.TRITON, _limits), Impl(Backend.CPU, _limits)
+)
 
 
 def split_qkv_rope(
@@ -26,7 +89,8 @@ def split_qkv_rope(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``qkv: [B, T, 3·D]`` (the W_pack output, blocks ``[q | k | v]``) → ``q, k, v: [B, T, H, Dh]``
-    with RoPE (rows of ``cos, sin: [S, Dh]``) applied to q and k. fwd+bwd."""
+    (fresh contiguous tensors) with RoPE (rows of ``cos, sin: [S, Dh]``) applied to q and k in the
+    same pass. fwd+bwd."""
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES_F64, ndim=3)
     num_heads = _check_int("num_heads", num_heads, minimum=1)
     if qkv.numel() == 0:
@@ -41,8 +105,11 @@ def split_qkv_rope(
         raise ValueError(f"head dim Dh = D / num_heads = {Dh} must be even for rotate-half RoPE")
     _check_cos_sin(cos, sin, Dh, qkv, "qkv")
     _check_positions(position_ids, B, T, cos.shape[0], qkv, "qkv")
-    registry.resolve(
+    chosen = registry.resolve(
         "split_qkv_rope", backend, (qkv, cos, sin, position_ids),
         qkv, cos, sin, num_heads=num_heads, position_ids=position_ids,
     )
-    return split_qkv_rope_ref(qkv, cos, sin, num_heads=num_heads, position_ids=position_ids)
+    if chosen is Backend.REFERENCE:
+        return split_qkv_rope_ref(qkv, cos, sin, num_heads=num_heads, position_ids=position_ids)
+    fwd = _KERNELS[chosen][0]
+    return fwd(qkv.contiguous(), *kernel_tables(cos, sin, position_ids), num_heads)

@@ -2,7 +2,8 @@
 //   - Pack<T, N>: N elements of T moved as ONE aligned load/store (16 bytes -> LDG.128 / STG.128),
 //   - to_float / from_float: fp32 <-> c10::Half / c10::BFloat16 / float, round-to-nearest-even,
 //   - warp_reduce_sum / group_reduce_sum: fp32 sums over a warp or over a group of warps of a block,
-//   - is_aligned / ceil_div / round_up,
+//   - is_aligned / all_aligned / ceil_div / round_up, row_group_block (launch shape of row kernels),
+//   - sum_rows_kernel: deterministic fp32 column sums of per-block partials (no atomics),
 //   - BAICHUAN_DISPATCH_FLOAT_HALF_BF16: AT_DISPATCH over fp32 / fp16 / bf16 only.
 // Only ATen scalar types are used (c10::Half, c10::BFloat16), so it compiles with torch's default
 // -D__CUDA_NO_HALF_OPERATORS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__ flags.
@@ -11,8 +12,10 @@
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace baichuan {
 namespace cuda {
@@ -35,6 +38,22 @@ __host__ __device__ __forceinline__ constexpr I round_up(I a, I b) {
 // True when `p` may be accessed with `bytes`-wide vector instructions.
 __host__ __device__ __forceinline__ bool is_aligned(const void* p, int bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % static_cast<std::uintptr_t>(bytes) == 0;
+}
+
+// True when every non-null pointer is `bytes`-aligned.
+inline bool all_aligned(std::initializer_list<const void*> ptrs, int bytes) {
+  for (const void* p : ptrs)
+    if (p != nullptr && !is_aligned(p, bytes)) return false;
+  return true;
+}
+
+// Block shape for "row group" kernels (see group_reduce_sum): blockDim.x = threads per row, a
+// multiple of 32 covering ceil(n / per) items, clamped to [32, max_threads]; blockDim.y = rows per
+// block, enough to reach about `block_target` threads when rows are short.
+inline dim3 row_group_block(int64_t n, int per, int max_threads, int block_target) {
+  const int64_t want = round_up<int64_t>(ceil_div<int64_t>(n, per), kWarpSize);
+  const int tpr = static_cast<int>(want < kWarpSize ? kWarpSize : (want > max_threads ? max_threads : want));
+  return dim3(tpr, block_target / tpr > 1 ? block_target / tpr : 1);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -119,6 +138,37 @@ __device__ __forceinline__ float group_reduce_sum(float v, float* smem) {
   v = warp_reduce_sum(v);
   __syncthreads();  // smem may be reused by the next call
   return v;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Deterministic column sums: out[j] = sum_p partial[p, j] (fp32, rounded once to T), for the
+// "one fp32 partial row per block, then reduce" pattern that replaces atomics (e.g. dweight).
+// Grid sum_rows_grid(D) of sum_rows_block() = (32, 16) threads: thread (c, t) adds rows t, t + 16,
+// ... of its column in order, then thread (c, 0) adds the 16 results in order.
+constexpr int kSumRowsCols = 32;
+constexpr int kSumRowsSplit = 16;
+
+inline dim3 sum_rows_block() { return dim3(kSumRowsCols, kSumRowsSplit); }
+inline dim3 sum_rows_grid(int D) { return dim3(static_cast<unsigned>(ceil_div(D, kSumRowsCols))); }
+
+template <typename T>
+__global__ void __launch_bounds__(kSumRowsCols * kSumRowsSplit)
+sum_rows_kernel(const float* __restrict__ partial,  // [P, D]
+                T* __restrict__ out,                // [D]
+                int64_t P, int D) {
+  __shared__ float smem[kSumRowsSplit][kSumRowsCols + 1];
+  const int col = blockIdx.x * kSumRowsCols + threadIdx.x;
+  float acc = 0.0f;
+  if (col < D)
+    for (int64_t p = threadIdx.y; p < P; p += kSumRowsSplit) acc += partial[p * D + col];
+  smem[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < D) {
+    float total = 0.0f;
+#pragma unroll
+    for (int t = 0; t < kSumRowsSplit; ++t) total += smem[t][threadIdx.x];
+    out[col] = from_float<T>(total);
+  }
 }
 
 }  // namespace cuda

@@ -7,21 +7,25 @@
 //   s = x (+ residual, added in fp32 and rounded to the dtype -> residual_out)
 //   r = rsqrt(sum(s^2) / D + eps)                    (group reduction: warp shuffles + shared memory)
 //   y = (s * r) * w                                  (fp32, rounded once)
-// Each thread owns the 16-byte packs i = tx, tx + TPR, ... of its row (VW = 16 / sizeof(T) elements
-// per pack) and keeps up to kVecsPerThread of them in registers between the two passes, so for
-// D * sizeof(T) <= kMaxThreads * kVecsPerThread * 16 bytes (bf16 D <= 16384, fp32 D <= 8192) x is
-// read from memory exactly once. Longer rows are processed in chunks and re-read for the second pass.
-// Rows whose byte length or pointers are not 16-byte aligned (odd D) take the same kernel with VW = 1.
-// TPR = clamp(round_up(ceil(D / VW / kVecsPerThread), 32), 32, 512): D = 4096 bf16 -> 128 threads
-// with 4 packs each; small D -> one warp per row, several rows per block.
-//
 // Backward (xhat = s * r, g = dy * w, all fp32):
-//   ds = r * (g - xhat * sum(g * xhat) / D) (+ dresidual_out)   -> dx, rounded once
-//   dweight = sum over rows of dy * xhat                        -> deterministic two-stage reduction:
-//   a persistent grid (blocks = SMs x occupancy) walks the rows; each row group accumulates its
-//   columns of dy * xhat in fp32 registers over the rows it visits and writes one row of a
-//   partial buffer [P = grid * RPB, D]; a second kernel sums the P partials of each column in a
-//   fixed order. No atomics: bitwise reproducible run to run on a given GPU.
+//   dx = r * (g - xhat * sum(g * xhat) / D) (+ dresidual_out), rounded once
+//   dweight = sum over rows of dy * xhat, deterministic two-stage reduction: a persistent grid
+//   (G = SMs x resident blocks) walks the rows; each row group sums dy * xhat of the rows it visits
+//   into its own fp32 row of a partial buffer [P = G * RPB, D]; a second kernel adds the P partials
+//   of each column in a fixed order. No atomics: bitwise reproducible run to run on a given GPU.
+//
+// Memory access. A row is cut into 16-byte packs (VW = 16 / sizeof(T) elements: 8 for 16-bit types,
+// 4 for fp32); thread tx of a row group owns packs tx, tx + TPR, ... Three kernel shapes per pass:
+//   row-in-registers (the fast path: D * sizeof(T) % 16 == 0, aligned pointers, D <= 16384 fwd /
+//     8192 bwd in 16-bit types, half that in fp32): each thread issues all its loads of a pass at once
+//     (predicated, zero-filled), keeps the row in registers across the reduction, so every tensor is
+//     read from memory once. Forward: 4 packs per thread, TPR <= 512 (D = 4096 bf16: TPR = 128).
+//     Backward: 2 packs of dy and of s per thread, TPR <= 512 (D = 4096 bf16: TPR = 256), the dweight
+//     partial kept in shared memory [RPB, D] (registers would spill).
+//   row-loop with 16-byte packs (longer aligned rows) and row-loop with VW = 1 (odd D, unaligned
+//     pointers): strided loops; the second pass re-reads the row (mostly cache hits); backward
+//     accumulates its dweight partial in place in global memory.
+// Small D: TPR = 32 (one warp per row) and RPB = 256 / TPR rows per block.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -43,33 +47,25 @@ namespace {
 using cuda::ceil_div;
 using cuda::from_float;
 using cuda::group_reduce_sum;
-using cuda::is_aligned;
 using cuda::load_pack;
 using cuda::Pack;
-using cuda::round_up;
 using cuda::store_pack;
 using cuda::to_float;
 
-// Row-in-registers kernels. Forward: up to 4 packs of a row per thread, <= 512 threads per row
-// (<= 128 registers per thread). Backward also holds fp32 dweight accumulators for its columns, so
-// 2 packs per thread and up to 1024 threads (<= 64 registers, high occupancy for the persistent
-// grid). Both cover rows of up to 512 * 4 = 1024 * 2 = 2048 packs: D <= 16384 (16-bit), 8192 (fp32).
+// Row-in-registers kernels: packs per thread and the thread limit per row. The launch bound of 512
+// threads leaves up to 128 registers per thread (forward uses ~60-85, backward ~100, no spills).
 constexpr int kFwdVecs = 4;
 constexpr int kFwdMaxThreads = 512;
-constexpr int kBwdVecs = 4;
+constexpr int kBwdVecs = 2;
 constexpr int kBwdMaxThreads = 512;
-// Row-loop kernels (any D, any alignment): scalar accesses, strided loops, second pass re-reads.
+// Row-loop kernels (any D, any alignment).
 constexpr int kLoopElems = 8;  // about this many elements per thread
 constexpr int kLoopMaxThreads = 512;
 constexpr int kBlockTarget = 256;  // small rows: several rows per block, about this many threads
-constexpr int kReduceCols = 32;    // dweight reduction block: 32 columns x
-constexpr int kReduceRows = 16;    //   16 partial rows at a time
 
 // Threads per row (TPR, multiple of 32) and rows per block (RPB) for rows of `n` items, `per` per thread.
 dim3 row_block(int64_t n, int per, int max_threads) {
-  const int64_t want = round_up<int64_t>(ceil_div<int64_t>(n, per), cuda::kWarpSize);
-  const int tpr = static_cast<int>(std::min<int64_t>(max_threads, std::max<int64_t>(cuda::kWarpSize, want)));
-  return dim3(tpr, std::max(1, kBlockTarget / tpr));
+  return cuda::row_group_block(n, per, max_threads, kBlockTarget);
 }
 
 // s = x (+ residual), rounded to T: one pack at element offset j.
@@ -98,7 +94,7 @@ __device__ __forceinline__ Pack<T, VW> scale(const Pack<T, VW>& s, float r, cons
 
 // Row in registers. D % VW == 0, D / VW <= kFwdVecs * TPR, all pointers aligned to Pack<T, VW>.
 // Loads are issued all at once (predicated, zero-filled) before any use, so each thread has
-// kFwdVecs (x2 when fused) 16-byte loads in flight; weight indices are clamped instead of predicated.
+// 2 kFwdVecs (3 kFwdVecs when fused) 16-byte loads in flight.
 template <typename T, int VW>
 __global__ void __launch_bounds__(kFwdMaxThreads)
 rms_norm_fwd_kernel(const T* __restrict__ x,         // [N, D]
@@ -114,13 +110,14 @@ rms_norm_fwd_kernel(const T* __restrict__ x,         // [N, D]
   const int64_t off = valid ? row * D : 0;
   const int nvec = D / VW;  // packs per row; this thread's are i = k * TPR + tx, k < kFwdVecs
 
-  Pack<T, VW> s[kFwdVecs], res[kFwdVecs];
+  Pack<T, VW> s[kFwdVecs], res[kFwdVecs], w[kFwdVecs];
 #pragma unroll
   for (int k = 0; k < kFwdVecs; ++k) {
     const int i = k * blockDim.x + threadIdx.x;
-    s[k] = valid && i < nvec ? load_pack<T, VW>(x + off + i * VW) : Pack<T, VW>{};
-    if (residual != nullptr)
-      res[k] = valid && i < nvec ? load_pack<T, VW>(residual + off + i * VW) : Pack<T, VW>{};
+    const bool in = valid && i < nvec;
+    s[k] = in ? load_pack<T, VW>(x + off + i * VW) : Pack<T, VW>{};
+    if (residual != nullptr) res[k] = in ? load_pack<T, VW>(residual + off + i * VW) : Pack<T, VW>{};
+    w[k] = in ? load_pack<T, VW>(weight + i * VW) : Pack<T, VW>{};  // cache hits; in flight with x
   }
   float sumsq = 0.0f;
 #pragma unroll
@@ -140,13 +137,13 @@ rms_norm_fwd_kernel(const T* __restrict__ x,         // [N, D]
 #pragma unroll
   for (int k = 0; k < kFwdVecs; ++k) {
     const int i = k * blockDim.x + threadIdx.x;
-    const Pack<T, VW> w = load_pack<T, VW>(weight + min(i, nvec - 1) * VW);
-    if (i < nvec) store_pack<T, VW>(y + off + i * VW, scale<T, VW>(s[k], r, w));
+    if (i < nvec) store_pack<T, VW>(y + off + i * VW, scale<T, VW>(s[k], r, w[k]));
   }
 }
 
-// Any D and alignment: scalar loop; the second pass re-reads x (+ residual) (cache hits mostly).
-template <typename T>
+// Any D: strided loop over the packs of the row (VW = 1 for odd D or unaligned pointers); the
+// second pass re-reads x (+ residual), mostly from cache.
+template <typename T, int VW>
 __global__ void __launch_bounds__(kLoopMaxThreads)
 rms_norm_fwd_rowloop_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                             const T* __restrict__ weight, T* __restrict__ y, T* __restrict__ residual_out,
@@ -156,19 +153,22 @@ rms_norm_fwd_rowloop_kernel(const T* __restrict__ x, const T* __restrict__ resid
   const bool valid = row < N;
   const int64_t off = valid ? row * D : 0;
   const T* res = residual != nullptr ? residual + off : nullptr;
+  const int nvec = D / VW;
   float sumsq = 0.0f;
   if (valid) {
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-      const Pack<T, 1> s = load_s<T, 1>(x + off, res, j);
-      if (res != nullptr) residual_out[off + j] = s.v[0];
-      sumsq += to_float(s.v[0]) * to_float(s.v[0]);
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      const Pack<T, VW> sv = load_s<T, VW>(x + off, res, i * VW);
+      if (res != nullptr) store_pack<T, VW>(residual_out + off + i * VW, sv);
+#pragma unroll
+      for (int e = 0; e < VW; ++e) sumsq += to_float(sv.v[e]) * to_float(sv.v[e]);
     }
   }
   const float r = rsqrtf(group_reduce_sum(sumsq, smem) / static_cast<float>(D) + eps);
   if (!valid) return;
   if (threadIdx.x == 0) rstd[row] = r;
-  for (int j = threadIdx.x; j < D; j += blockDim.x)
-    y[off + j] = scale<T, 1>(load_s<T, 1>(x + off, res, j), r, load_pack<T, 1>(weight + j)).v[0];
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x)
+    store_pack<T, VW>(y + off + i * VW,
+                      scale<T, VW>(load_s<T, VW>(x + off, res, i * VW), r, load_pack<T, VW>(weight + i * VW)));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -241,16 +241,20 @@ rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
 
     // Pass 2: dx = r * (dy * w - xhat * mean) (+ dresidual), xhat * mean = s * rm.
     if (valid) {
+      Pack<T, VW> dr[kBwdVecs];  // dresidual (zeros when absent), all loads in flight at once
+#pragma unroll
+      for (int k = 0; k < kBwdVecs; ++k) {
+        const int i = k * blockDim.x + threadIdx.x;
+        dr[k] = dresidual != nullptr && i < nvec ? load_pack<T, VW>(dresidual + off + i * VW) : Pack<T, VW>{};
+      }
 #pragma unroll
       for (int k = 0; k < kBwdVecs; ++k) {
         const int i = k * blockDim.x + threadIdx.x;
         const Pack<T, VW> w = load_pack<T, VW>(weight + min(i, nvec - 1) * VW);
-        const Pack<T, VW> dr = dresidual != nullptr && i < nvec ? load_pack<T, VW>(dresidual + off + i * VW)
-                                                                : Pack<T, VW>{};
         float ds[VW];
 #pragma unroll
         for (int e = 0; e < VW; ++e)
-          ds[e] = r * (to_float(dyv[k].v[e]) * to_float(w.v[e]) - to_float(sv[k].v[e]) * rm) + to_float(dr.v[e]);
+          ds[e] = r * (to_float(dyv[k].v[e]) * to_float(w.v[e]) - to_float(sv[k].v[e]) * rm) + to_float(dr[k].v[e]);
         if (i < nvec) store_pack<T, VW>(dx + off + i * VW, cuda::float_to_pack<T, VW>(ds));
       }
     }
@@ -266,18 +270,20 @@ rms_norm_bwd_kernel(const T* __restrict__ dy,          // [N, D]
   }
 }
 
-// Any D and alignment: scalar loops, the dweight partial accumulated in place in dw_partial (each
-// element is only ever touched by one thread: no barrier, no atomics).
-template <typename T>
+// Any D: strided loops over packs; the dweight partial is accumulated in place in dw_partial
+// (each element is only ever touched by one thread: no barrier, no atomics).
+template <typename T, int VW>
 __global__ void __launch_bounds__(kLoopMaxThreads)
 rms_norm_bwd_rowloop_kernel(const T* __restrict__ dy, const T* __restrict__ dresidual,
                             const T* __restrict__ s, const T* __restrict__ weight,
                             const float* __restrict__ rstd, T* __restrict__ dx,
                             float* __restrict__ dw_partial, int64_t N, int D) {
+  using FP = Pack<float, VW>;
   __shared__ float smem[kLoopMaxThreads / cuda::kWarpSize];
+  const int nvec = D / VW;
   const float inv_d = 1.0f / static_cast<float>(D);
-  float* dw_row = dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D;
-  for (int j = threadIdx.x; j < D; j += blockDim.x) dw_row[j] = 0.0f;
+  FP* dw_row = reinterpret_cast<FP*>(dw_partial + (static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y) * D);
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) dw_row[i] = FP{};
 
   for (int64_t rb = blockIdx.x; rb * blockDim.y < N; rb += gridDim.x) {  // uniform over the block
     const int64_t row = rb * blockDim.y + threadIdx.y;
@@ -286,42 +292,32 @@ rms_norm_bwd_rowloop_kernel(const T* __restrict__ dy, const T* __restrict__ dres
     const float r = valid ? rstd[row] : 0.0f;
     float dot = 0.0f;
     if (valid) {
-      for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        const float d = to_float(dy[off + j]), xhat = to_float(s[off + j]) * r;
-        dot += d * to_float(weight[j]) * xhat;
-        dw_row[j] += d * xhat;
-      }
-    }
-    const float mean = group_reduce_sum(dot, smem) * inv_d;
-    if (valid) {
-      for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        float ds = r * (to_float(dy[off + j]) * to_float(weight[j]) - to_float(s[off + j]) * r * mean);
-        if (dresidual != nullptr) ds += to_float(dresidual[off + j]);
-        dx[off + j] = from_float<T>(ds);
-      }
-    }
-  }
-}
-
-// Backward, stage 2: dweight[j] = sum_p dw_partial[p, j] in a fixed order. Grid: ceil(D / 32)
-// blocks of (32, 16) threads; thread (c, t) sums partial rows t, t + 16, ... of column c.
-template <typename T>
-__global__ void __launch_bounds__(kReduceCols * kReduceRows)
-rms_norm_bwd_dweight_kernel(const float* __restrict__ dw_partial,  // [P, D]
-                            T* __restrict__ dweight,                // [D]
-                            int64_t P, int D) {
-  __shared__ float smem[kReduceRows][kReduceCols + 1];
-  const int col = blockIdx.x * kReduceCols + threadIdx.x;
-  float acc = 0.0f;
-  if (col < D)
-    for (int64_t p = threadIdx.y; p < P; p += kReduceRows) acc += dw_partial[p * D + col];
-  smem[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < D) {
-    float total = 0.0f;
+      for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const Pack<T, VW> d = load_pack<T, VW>(dy + off + i * VW), sv = load_pack<T, VW>(s + off + i * VW);
+        const Pack<T, VW> w = load_pack<T, VW>(weight + i * VW);
+        FP acc = dw_row[i];
 #pragma unroll
-    for (int t = 0; t < kReduceRows; ++t) total += smem[t][threadIdx.x];
-    dweight[col] = from_float<T>(total);
+        for (int e = 0; e < VW; ++e) {
+          const float xhat = to_float(sv.v[e]) * r;
+          dot += to_float(d.v[e]) * to_float(w.v[e]) * xhat;
+          acc.v[e] += to_float(d.v[e]) * xhat;
+        }
+        dw_row[i] = acc;
+      }
+    }
+    const float rm = r * (group_reduce_sum(dot, smem) * inv_d);
+    if (valid) {
+      for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const Pack<T, VW> d = load_pack<T, VW>(dy + off + i * VW), sv = load_pack<T, VW>(s + off + i * VW);
+        const Pack<T, VW> w = load_pack<T, VW>(weight + i * VW);
+        const Pack<T, VW> dr = dresidual != nullptr ? load_pack<T, VW>(dresidual + off + i * VW) : Pack<T, VW>{};
+        float ds[VW];
+#pragma unroll
+        for (int e = 0; e < VW; ++e)
+          ds[e] = r * (to_float(d.v[e]) * to_float(w.v[e]) - to_float(sv.v[e]) * rm) + to_float(dr.v[e]);
+        store_pack<T, VW>(dx + off + i * VW, cuda::float_to_pack<T, VW>(ds));
+      }
+    }
   }
 }
 
@@ -353,9 +349,7 @@ void launch_bwd(BwdKernel<T> kernel, dim3 block, size_t smem_bytes, const at::Te
                 at::Tensor& dweight, cudaStream_t stream) {
   const int64_t N = dy.size(0);
   const int D = static_cast<int>(dy.size(1));
-  if (smem_bytes > 48 * 1024)  // opt in beyond the default 48 KiB (D > 12288 in 16-bit types)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_bytes)));
+  TORCH_INTERNAL_ASSERT(smem_bytes <= 48 * 1024);  // RPB * D <= 8192 floats by construction of row_block
   // Persistent grid: as many blocks as fit on the GPU at once (fewer when there are fewer row groups).
   int per_sm = 0, sms = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block.x * block.y, smem_bytes));
@@ -368,20 +362,16 @@ void launch_bwd(BwdKernel<T> kernel, dim3 block, size_t smem_bytes, const at::Te
       dy.const_data_ptr<T>(), dresidual, s.const_data_ptr<T>(), weight.const_data_ptr<T>(),
       rstd.const_data_ptr<float>(), dx.mutable_data_ptr<T>(), dw_partial.mutable_data_ptr<float>(), N, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  rms_norm_bwd_dweight_kernel<T>
-      <<<static_cast<unsigned>(ceil_div(D, kReduceCols)), dim3(kReduceCols, kReduceRows), 0, stream>>>(
-          dw_partial.const_data_ptr<float>(), dweight.mutable_data_ptr<T>(), P, D);
+  // Stage 2: dweight[j] = sum_p dw_partial[p, j], fixed order.
+  cuda::sum_rows_kernel<T><<<cuda::sum_rows_grid(D), cuda::sum_rows_block(), 0, stream>>>(
+      dw_partial.const_data_ptr<float>(), dweight.mutable_data_ptr<T>(), P, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The row-in-registers kernels apply when rows hold whole 16-byte packs, every row start of every
-// tensor is 16-byte aligned, and D <= max_d; otherwise the row-loop kernels run.
+// 16-byte packs apply when rows hold whole packs and every row start of every tensor is aligned.
 template <typename T>
-bool use_16b(int64_t D, int64_t max_d, std::initializer_list<const void*> ptrs) {
-  if ((D * static_cast<int64_t>(sizeof(T))) % 16 != 0 || D > max_d) return false;
-  for (const void* p : ptrs)
-    if (p != nullptr && !is_aligned(p, 16)) return false;
-  return true;
+bool aligned_16b(int64_t D, std::initializer_list<const void*> ptrs) {
+  return (D * static_cast<int64_t>(sizeof(T))) % 16 == 0 && cuda::all_aligned(ptrs, 16);
 }
 
 template <typename T>
@@ -417,13 +407,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tenso
     const T* res = opt_ptr<T>(residual);
     T* res_out = residual.has_value() ? residual_out.mutable_data_ptr<T>() : nullptr;
     const float epsf = static_cast<float>(eps);
-    if (use_16b<T>(D, kFwdVecs * kFwdMaxThreads * VW, {x.const_data_ptr(), res, weight.const_data_ptr(),
-                                                       y.const_data_ptr(), res_out})) {
+    if (!aligned_16b<T>(D, {x.const_data_ptr(), res, weight.const_data_ptr(), y.const_data_ptr(), res_out})) {
+      launch_fwd<T>(rms_norm_fwd_rowloop_kernel<T, 1>, row_block(D, kLoopElems, kLoopMaxThreads), x, res, weight,
+                    y, res_out, rstd, epsf, stream);
+    } else if (D <= kFwdVecs * kFwdMaxThreads * VW) {
       launch_fwd<T>(rms_norm_fwd_kernel<T, VW>, row_block(D / VW, kFwdVecs, kFwdMaxThreads), x, res, weight, y,
                     res_out, rstd, epsf, stream);
     } else {
-      launch_fwd<T>(rms_norm_fwd_rowloop_kernel<T>, row_block(D, kLoopElems, kLoopMaxThreads), x, res, weight,
-                    y, res_out, rstd, epsf, stream);
+      launch_fwd<T>(rms_norm_fwd_rowloop_kernel<T, VW>, row_block(D / VW, kLoopElems / VW, kLoopMaxThreads), x,
+                    res, weight, y, res_out, rstd, epsf, stream);
     }
   });
   return {y, residual_out, rstd};
@@ -449,14 +441,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& dy,
     using T = scalar_t;
     constexpr int VW = cuda::VecWidth<T>::k16B;
     const T* dres = opt_ptr<T>(dresidual_out);
-    if (use_16b<T>(D, kBwdVecs * kBwdMaxThreads * VW, {dy.const_data_ptr(), dres, s.const_data_ptr(),
-                                                       weight.const_data_ptr(), dx.const_data_ptr()})) {
+    if (!aligned_16b<T>(D, {dy.const_data_ptr(), dres, s.const_data_ptr(), weight.const_data_ptr(),
+                            dx.const_data_ptr()})) {
+      launch_bwd<T>(rms_norm_bwd_rowloop_kernel<T, 1>, row_block(D, kLoopElems, kLoopMaxThreads), 0, dy, dres, s,
+                    weight, rstd, dx, dweight, stream);
+    } else if (D <= kBwdVecs * kBwdMaxThreads * VW) {
       const dim3 block = row_block(D / VW, kBwdVecs, kBwdMaxThreads);
       launch_bwd<T>(rms_norm_bwd_kernel<T, VW>, block, block.y * D * sizeof(float), dy, dres, s, weight, rstd, dx,
                     dweight, stream);
     } else {
-      launch_bwd<T>(rms_norm_bwd_rowloop_kernel<T>, row_block(D, kLoopElems, kLoopMaxThreads), 0, dy, dres, s,
-                    weight, rstd, dx, dweight, stream);
+      launch_bwd<T>(rms_norm_bwd_rowloop_kernel<T, VW>, row_block(D / VW, kLoopElems / VW, kLoopMaxThreads), 0,
+                    dy, dres, s, weight, rstd, dx, dweight, stream);
     }
   });
   return {dx, dweight};

@@ -1,0 +1,272 @@
+// Weight-only quantized matmul on the CPU: y[M, N] = x[M, K] @ dequantize(qweight)^T, fp32 accumulation.
+//
+// Formats: csrc/common/quant_matmul_checks.h (semantics: baichuan_kernels/reference/quant_matmul.py).
+//
+// GEMV path (M <= 16, decode): rows of the packed weight are spread over threads (at::parallel_for);
+// each row is streamed once per tile of up to 4 x rows and dequantised in registers (AVX2 when the
+// build has it, a plain loop otherwise). x is converted to fp32 once per call (M x K, small).
+//   bits = 8:  y[m, n] = scale[n] * sum_k q[n, k] x[m, k]                       (q exact in fp32)
+//   bits = 4:  y[m, n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[m, k] + zero[n, g] * xsum[m, g]
+//              with xsum[m, g] = sum_{k in g} x[m, k] computed once per call. The codes are consumed
+//              in the packed order: every 16-byte load holds 32 codes (k .. k+31), low nibbles = even
+//              k, high nibbles = odd k, so x is pre-permuted once per call (per 16 elements: the 8
+//              even ones, then the 8 odd ones) and each nibble vector meets a contiguous x vector.
+// GEMM path (M > 16, prefill): blocks of weight rows are dequantised to fp32 (in parallel, ~8 MiB
+// per block, w = q * scale + zero as in the reference) and multiplied with at::mm.
+// Every output element is computed by one thread in a fixed order: results do not depend on threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include "common/quant_matmul_checks.h"
+
+namespace baichuan {
+namespace {
+
+constexpr int64_t kGemvMaxM = 16;  // M above this takes the dequantise + at::mm path
+constexpr int kTileM = 4;          // x rows served by one pass over a weight row
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// bits = 4, one weight row n against MT x rows. q: K/2 bytes; s, z: [G]; xp: permuted fp32 x rows
+// (stride K); xs: group sums of x (stride G); out: MT results.
+template <int MT>
+void w4_gemv_row(const uint8_t* q, const float* s, const float* z, const float* xp, const float* xs, int64_t K,
+                 int64_t gs, float* out) {
+  const int64_t G = K / gs;
+#ifdef __AVX2__
+  constexpr int NACC = MT == 1 ? 4 : 2;  // independent FMA chains per x row
+  __m256 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[MT][NACC];
+    for (int m = 0; m < MT; ++m)
+      for (int a = 0; a < NACC; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {  // gs is a multiple of 32
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2));  // codes k .. k+31
+      const __m256i b0 = _mm256_cvtepu8_epi32(b);                                       // bytes 0..7
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));                    // bytes 8..15
+      const __m256 lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4));  // k, k+2, ..., k+14
+      const __m256 hi0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));    // k+1, ..., k+15
+      const __m256 lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4));  // k+16, ..., k+30
+      const __m256 hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));    // k+17, ..., k+31
+      for (int m = 0; m < MT; ++m) {
+        const float* xr = xp + m * K + k;
+        acc[m][0] = _mm256_fmadd_ps(lo0, _mm256_loadu_ps(xr), acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(xr + 8), acc[m][1]);
+        acc[m][NACC - 2] = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(xr + 16), acc[m][NACC - 2]);
+        acc[m][NACC - 1] = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(xr + 24), acc[m][NACC - 1]);
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(s[g]);
+    for (int m = 0; m < MT; ++m) {
+      __m256 a = _mm256_add_ps(acc[m][0], acc[m][1]);
+      if (NACC == 4) a = _mm256_add_ps(a, _mm256_add_ps(acc[m][NACC - 2], acc[m][NACC - 1]));
+      tot[m] = _mm256_fmadd_ps(a, sv, tot[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) out[m] = hsum(tot[m]);
+#else
+  for (int m = 0; m < MT; ++m) out[m] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    for (int m = 0; m < MT; ++m) {
+      const float* xr = xp + m * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = g * gs / 2; j < (g + 1) * gs / 2; ++j) {  // byte j: codes 2j (low), 2j+1 (high)
+        const int64_t c = j / 8 * 16 + j % 8;                     // position of code 2j in the permuted x
+        acc += static_cast<float>(q[j] & 0xF) * xr[c] + static_cast<float>(q[j] >> 4) * xr[c + 8];
+      }
+      out[m] += acc * s[g];
+    }
+  }
+#endif
+  for (int m = 0; m < MT; ++m) {
+    float zx = 0.f;
+    for (int64_t g = 0; g < G; ++g) zx += z[g] * xs[m * G + g];
+    out[m] += zx;
+  }
+}
+
+// bits = 8, one weight row (K int8 codes, scale s) against MT fp32 x rows (stride K).
+template <int MT>
+void w8_gemv_row(const int8_t* q, float s, const float* xf, int64_t K, float* out) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
+    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    for (int m = 0; m < MT; ++m) {
+      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xf + m * K + k), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xf + m * K + k + 8), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
+#else
+  for (int m = 0; m < MT; ++m) out[m] = 0.f;
+#endif
+  for (int m = 0; m < MT; ++m) {
+    const float* xr = xf + m * K;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t kk = k; kk < K; ++kk) acc += static_cast<float>(q[kk]) * xr[kk];
+    out[m] = (out[m] + acc) * s;
+  }
+}
+
+// x [M, K] -> fp32 x (bits = 8: as is; bits = 4: permuted per 16) and, for bits = 4, xs [M, G].
+template <typename scalar_t>
+void prepare_x(const scalar_t* x, int64_t M, int64_t K, int64_t bits, int64_t gs, float* xf, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    const scalar_t* xr = x + m * K;
+    float* out = xf + m * K;
+    if (bits == 8) {
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(xr[k]);
+      continue;
+    }
+    for (int64_t c = 0; c < K; c += 16) {
+      for (int j = 0; j < 8; ++j) {
+        out[c + j] = static_cast<float>(xr[c + 2 * j]);
+        out[c + 8 + j] = static_cast<float>(xr[c + 2 * j + 1]);
+      }
+    }
+    const int64_t G = K / gs;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) acc += static_cast<float>(xr[k]);
+      xs[m * G + g] = acc;
+    }
+  }
+}
+
+template <typename scalar_t>
+void quant_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t gs, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = qdata.size(0);
+  const int64_t G = bits == 4 ? K / gs : 1;
+  at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
+  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kFloat));
+  prepare_x<scalar_t>(x.data_ptr<scalar_t>(), M, K, bits, gs, xf.data_ptr<float>(), xs.data_ptr<float>());
+  const float* xfp = xf.data_ptr<float>();
+  const float* xsp = xs.data_ptr<float>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = bits == 4 ? zeros->data_ptr<float>() : nullptr;
+  const uint8_t* q4 = bits == 4 ? qdata.data_ptr<uint8_t>() : nullptr;
+  const int8_t* q8 = bits == 8 ? qdata.data_ptr<int8_t>() : nullptr;
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[kTileM];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+        const float* xr = xfp + m0 * K;
+        if (bits == 4) {
+          const uint8_t* q = q4 + n * (K / 2);
+          const float *s = sp + n * G, *z = zp + n * G, *xsr = xsp + m0 * G;
+          switch (mt) {
+            case 1: w4_gemv_row<1>(q, s, z, xr, xsr, K, gs, out); break;
+            case 2: w4_gemv_row<2>(q, s, z, xr, xsr, K, gs, out); break;
+            case 3: w4_gemv_row<3>(q, s, z, xr, xsr, K, gs, out); break;
+            default: w4_gemv_row<4>(q, s, z, xr, xsr, K, gs, out); break;
+          }
+        } else {
+          const int8_t* q = q8 + n * K;
+          switch (mt) {
+            case 1: w8_gemv_row<1>(q, sp[n], xr, K, out); break;
+            case 2: w8_gemv_row<2>(q, sp[n], xr, K, out); break;
+            case 3: w8_gemv_row<3>(q, sp[n], xr, K, out); break;
+            default: w8_gemv_row<4>(q, sp[n], xr, K, out); break;
+          }
+        }
+        for (int i = 0; i < mt; ++i) yp[(m0 + i) * N + n] = static_cast<scalar_t>(out[i]);
+      }
+    }
+  });
+}
+
+// Dequantise weight rows [n0, n0 + nb) into w [nb, K] fp32 (the reference's q * scale + zero).
+void dequantize_rows(const at::Tensor& qdata, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                     int64_t bits, int64_t gs, int64_t n0, int64_t nb, float* w) {
+  const int64_t K = bits == 4 ? qdata.size(1) * 2 : qdata.size(1);
+  const float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, nb, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = n0 + i;
+      float* wr = w + i * K;
+      if (bits == 8) {
+        const int8_t* q = qdata.data_ptr<int8_t>() + n * K;
+        const float s = sp[n];
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) wr[k] = static_cast<float>(q[k]) * s;
+        continue;
+      }
+      const int64_t G = K / gs;
+      const uint8_t* q = qdata.data_ptr<uint8_t>() + n * (K / 2);
+      const float* zp = zeros->data_ptr<float>() + n * G;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = sp[n * G + g], z = zp[g];
+#pragma omp simd
+        for (int64_t j = g * gs / 2; j < (g + 1) * gs / 2; ++j) {
+          wr[2 * j] = static_cast<float>(q[j] & 0xF) * s + z;
+          wr[2 * j + 1] = static_cast<float>(q[j] >> 4) * s + z;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor quant_gemm(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t gs) {
+  const int64_t M = x.size(0), K = x.size(1), N = qdata.size(0);
+  at::Tensor xf = x.to(at::kFloat).contiguous();                      // [M, K]
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));     // [M, N]
+  // ~8 MiB of fp32 weight rows per block (a multiple of 16 rows): stays in the last-level cache.
+  const int64_t nb_max = std::min<int64_t>(N, std::max<int64_t>(16, (8 << 20) / (4 * K) / 16 * 16));
+  at::Tensor w = at::empty({nb_max, K}, x.options().dtype(at::kFloat));
+  for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
+    const int64_t nb = std::min(nb_max, N - n0);
+    dequantize_rows(qdata, scales, zeros, bits, gs, n0, nb, w.data_ptr<float>());
+    y.narrow(1, n0, nb).copy_(at::mm(xf, w.narrow(0, 0, nb).t()));  // [M, nb]
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor quant_matmul_fwd_cpu(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
+                                const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
+  const int64_t N = check_quant_matmul_fwd(x, qdata, scales, zeros, bits, group_size);
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", x.device());
+  const int64_t M = x.size(0);
+  if (M == 0 || N == 0 || x.size(1) == 0) return at::zeros({M, N}, x.options());
+  if (M > kGemvMaxM) return quant_gemm(x, qdata, scales, zeros, bits, group_size);
+  at::Tensor y = at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quant_matmul_fwd_cpu", [&] {
+    quant_gemv<scalar_t>(x, qdata, scales, zeros, bits, group_size, y);
+  });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(baichuan, CPU, m) { m.impl("quant_matmul_fwd", &quant_matmul_fwd_cpu); }
+
+}  // namespace baichuan

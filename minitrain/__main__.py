@@ -1,0 +1,134 @@
+"""``python -m minitrain <command> ...``.
+
+Each subcommand is one function decorated with ``@command(name, help)``: it receives its own
+``argparse`` parser to fill and returns the function that runs the parsed arguments. Adding a
+subcommand is adding one such function (here or in a module imported here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+COMMANDS: dict[str, tuple[str, Callable]] = {}
+
+
+def command(name: str, help: str):
+    def register(setup: Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]):
+        COMMANDS[name] = (help, setup)
+        return setup
+    return register
+
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16", "fp64": "float64", "float64": "float64"}
+
+
+def _dtype(name):
+    import torch
+
+    return None if name is None else getattr(torch, _DTYPES[name])
+
+
+@command("generate", "generate text from an HF Baichuan 2 directory or a minitrain model file")
+def _generate(p: argparse.ArgumentParser):
+    p.add_argument("model", help="HF-format directory (config.json + weights) or a minitrain .pt model file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-ids", help="prompt as token ids, e.g. '1 195 9381 196'")
+    src.add_argument("--prompt", help="prompt text (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: MODEL/tokenizer.model)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling, no repetition penalty)")
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--repetition-penalty", type=float, default=1.05)
+    p.add_argument("--no-eos-stop", action="store_true", help="keep going past eos")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: the checkpoint's dtype")
+    p.add_argument("--backend", default=None, help="kernel backend for every op (default: the config's, 'auto')")
+
+    def run(args) -> int:
+        import os
+
+        import torch
+
+        from .generate import GenerationConfig, generate
+        from .hf import load_model
+
+        model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+        sp = None
+        if args.prompt is not None:
+            tok = args.tokenizer or os.path.join(args.model, "tokenizer.model")
+            try:
+                import sentencepiece
+            except ImportError:
+                print("error: --prompt needs the sentencepiece package (or pass --prompt-ids)", file=sys.stderr)
+                return 2
+            sp = sentencepiece.SentencePieceProcessor(model_file=tok)
+            prompt = sp.encode(args.prompt)
+        else:
+            prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        cfg = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=1.0 if args.greedy else args.repetition_penalty,
+            eos_token_id=None if args.no_eos_stop else model.config.eos_token_id)
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
+        out: list[int] = []
+
+        def on_token(_row: int, token: int) -> None:
+            if sp is None:
+                print(token, end=" ", flush=True)
+            else:  # print the text grown by this token (pieces can merge across tokens)
+                before = sp.decode(out)
+                out.append(token)
+                print(sp.decode(out)[len(before):], end="", flush=True)
+
+        generate(model, [prompt], cfg, generator=gen, on_token=on_token)
+        print()
+        return 0
+
+    return run
+
+
+@command("convert", "convert between an HF Baichuan 2 directory and a minitrain model file")
+def _convert(p: argparse.ArgumentParser):
+    p.add_argument("src", help="HF directory or minitrain .pt model file")
+    p.add_argument("dst", help="output: a directory when writing HF format, else a .pt file")
+    p.add_argument("--to", choices=("hf", "minitrain"), help="default: the other format than src")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: keep the source dtype")
+    p.add_argument("--bin", action="store_true", help="HF output as pytorch_model*.bin instead of safetensors")
+    p.add_argument("--max-shard-size", type=float, default=None, help="HF output shard size in GB (default: one file)")
+
+    def run(args) -> int:
+        from pathlib import Path
+
+        from .hf import load_model, save_checkpoint, save_hf_checkpoint
+
+        to = args.to or ("minitrain" if Path(args.src).is_dir() else "hf")
+        model = load_model(args.src, dtype=_dtype(args.dtype))
+        if to == "hf":
+            shard = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
+            save_hf_checkpoint(model, args.dst, safetensors=not args.bin, max_shard_size=shard)
+        else:
+            save_checkpoint(model, args.dst)
+        print(f"wrote {to} checkpoint {args.dst} ({model.num_parameters():,} parameters)")
+        return 0
+
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minitrain", description="minitrain: Baichuan 2 on baichuan_kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(run=setup(p))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
