@@ -235,3 +235,86 @@ class NormHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}, normalize={self.normalize}"
+
+
+from .ops.quant_matmul import QuantizedWeight as _QuantizedWeight  # noqa: E402
+from .ops.quant_matmul import _check_x as _check_quant_x, _quant_matmul, quantize_weight as _quantize_weight  # noqa: E402
+
+__all__.append("QuantLinear")
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer ``y = x @ Wᵀ`` whose weight ``W: [out_features, in_features]`` is stored
+    quantized (``bits=8``: int8 per output channel; ``bits=4``: int4 groups of ``group_size`` along K;
+    formats in :mod:`baichuan_kernels.reference.quant_matmul`) and multiplied by
+    :func:`~baichuan_kernels.quant_matmul` with the dequantisation fused in the kernel.
+
+    Buffers (in the state dict, saveable with safetensors): ``qdata``, ``scales`` (fp32) and, for
+    4 bits, ``zeros`` (fp32). ``module.to(dtype)`` leaves them as they are (no rounding of the
+    scales). The weight is frozen; gradients flow to ``x`` only. Build one with :meth:`from_linear`
+    or :func:`baichuan_kernels.quantize.quantize_model`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int = 128,
+                 backend: str = "auto", device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if bits == 4 and (group_size not in (32, 64, 128) or in_features % group_size):
+            raise ValueError(f"group_size must be 32, 64 or 128 and divide in_features={in_features} for bits=4, "
+                             f"got {group_size}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if bits == 4 else in_features
+        self.backend = backend
+        N, K = out_features, in_features
+        if bits == 8:
+            qdata, groups = torch.zeros(N, K, dtype=torch.int8, device=device), None
+            scales = torch.zeros(N, dtype=torch.float32, device=device)
+        else:
+            groups = K // group_size
+            qdata = torch.zeros(N, K // 2, dtype=torch.uint8, device=device)
+            scales = torch.zeros(N, groups, dtype=torch.float32, device=device)
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", None if groups is None else torch.zeros_like(scales))
+
+    @classmethod
+    def from_quantized(cls, qweight: _QuantizedWeight, *, backend: str = "auto") -> "QuantLinear":
+        N, K = qweight.shape
+        module = cls(K, N, bits=qweight.bits, group_size=qweight.group_size if qweight.bits == 4 else 128,
+                     backend=backend, device="meta")
+        module.qdata, module.scales, module.zeros = qweight.data, qweight.scales, qweight.zeros
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int, group_size: int = 128, backend: str = "auto") -> "QuantLinear":
+        """Quantize a bias-free ``nn.Linear`` (on its device; math in fp32)."""
+        if linear.bias is not None:
+            raise ValueError("linear has a bias: QuantLinear is bias-free (Baichuan 2's projections have none)")
+        with torch.no_grad():
+            qweight = _quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size)
+        return cls.from_quantized(qweight, backend=backend)
+
+    @property
+    def qweight(self) -> _QuantizedWeight:
+        return _QuantizedWeight(self.qdata, self.scales, self.zeros, self.bits, self.group_size,
+                                (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_quant_x(x, self.in_features)
+        return _quant_matmul(x, self.qdata, self.scales, self.zeros, self.bits, self.group_size,
+                             self.out_features, self.in_features, self.backend)
+
+    def _apply(self, fn, recurse=True):
+        keep = {"scales": self.scales, "zeros": self.zeros}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():  # a dtype cast (model.to(torch.bfloat16)) must not round the scales
+            new = getattr(self, name)
+            if new is not None and new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device))
+        return self
+
+    def extra_repr(self) -> str:
+        gs = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{gs}, "
+                f"backend={self.backend!r}")

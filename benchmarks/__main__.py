@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         skips += sk
         print()
         if res:
-            print(common.text_table(common.COLUMNS, common.table_rows(res)))
+            print(common.text_table(*common.table(res)))
         for s in sk:
             print(f"skipped {s.provider} ({s.case}): {s.reason}")
         # written after every op: a run stopped by a time limit keeps what it measured

@@ -348,23 +348,26 @@ def run_name(meta: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- writers
-COLUMNS = ("config", "dtype", "pass", "provider", "median ms", "p20 ms", "p80 ms", "GB/s", "% copy", "x eager", "rel err")
-
-
 def _fmt(v: Optional[float], spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def table_rows(results: Sequence[Result]) -> list[list[str]]:
-    """One row per result, with the speed-up over the eager reference of the same case."""
+def table(results: Sequence[Result]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows, one row per result with the speed-up over the eager reference of the same
+    case; GB/s columns when some result has bytes, TFLOP/s columns when some result has flops."""
     eager = {(r.op, r.config, r.dtype, r.pass_): r.median_ms for r in results if r.provider == REFERENCE_PROVIDER}
+    has_bw, has_fl = any(r.gbps for r in results), any(r.tflops for r in results)
+    header = (["config", "dtype", "pass", "provider", "median ms", "p20 ms", "p80 ms"]
+              + ["GB/s", "% copy"] * has_bw + ["TFLOP/s", "% mm peak"] * has_fl + ["x eager", "rel err"])
     rows = []
     for r in results:
         base = eager.get((r.op, r.config, r.dtype, r.pass_))
         rows.append([r.config, r.dtype, r.pass_, r.provider, _fmt(r.median_ms, ".3f"), _fmt(r.p20_ms, ".3f"),
-                     _fmt(r.p80_ms, ".3f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".1f"),
-                     _fmt(base / r.median_ms if base else None, ".2f"), _fmt(r.rel_err, ".1e")])
-    return rows
+                     _fmt(r.p80_ms, ".3f")]
+                    + [_fmt(r.gbps, ".1f"), _fmt(r.pct_copy_bw, ".1f")] * has_bw
+                    + [_fmt(r.tflops, ".1f"), _fmt(r.pct_peak_tflops, ".1f")] * has_fl
+                    + [_fmt(base / r.median_ms if base else None, ".2f"), _fmt(r.rel_err, ".1e")])
+    return header, rows
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -394,10 +397,10 @@ def write_markdown(path: str, meta: dict, peaks: Peaks, results: Sequence[Result
                if meta["device_type"] == "cpu" else []),
              f"Measured peaks: copy {peaks.copy_gbps:.0f} GB/s (read + write)"
              + (f", bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s" if peaks.matmul_tflops else ""), "",
-             "GB/s counts the minimal traffic (each input read once, each output written once); "
-             "`x eager` is the speed-up over the eager PyTorch reference.", ""]
+             "GB/s counts the minimal traffic (each input read once, each output written once), TFLOP/s the "
+             "op's useful FLOPs; `x eager` is the speed-up over the eager PyTorch reference.", ""]
     for op in dict.fromkeys(r.op for r in results):
-        lines += [f"## {op}", "", md_table(COLUMNS, table_rows([r for r in results if r.op == op])), ""]
+        lines += [f"## {op}", "", md_table(*table([r for r in results if r.op == op])), ""]
     if skips:
         lines += ["## Skipped", ""] + [f"- {s.op} / {s.provider} ({s.case}): {s.reason}" for s in skips] + [""]
     with open(path, "w") as f:
@@ -405,26 +408,31 @@ def write_markdown(path: str, meta: dict, peaks: Peaks, results: Sequence[Result
 
 
 def plot(path: str, results: Sequence[Result], peaks: Peaks, title: str) -> None:
-    """Bars of GB/s per provider per case, one panel per op, the measured copy bandwidth dashed."""
+    """Bars per provider per case, one panel per op: GB/s against the measured copy bandwidth
+    (dashed), or TFLOP/s against the measured matmul peak for ops counted in FLOPs only."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = list(dict.fromkeys(r.op for r in results if r.gbps))
+    ops = list(dict.fromkeys(r.op for r in results if r.gbps or r.tflops))
     if not ops:
         return
     fig, axes = plt.subplots(len(ops), 1, figsize=(14, 4.5 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
-        rs = [r for r in results if r.op == op and r.gbps]
+        bw = any(r.gbps for r in results if r.op == op)
+        metric = (lambda r: r.gbps) if bw else (lambda r: r.tflops)
+        rs = [r for r in results if r.op == op and metric(r)]
         cases = list(dict.fromkeys(f"{r.config}\n{r.dtype} {r.pass_}" for r in rs))
         provs = list(dict.fromkeys(r.provider for r in rs))
         width = 0.8 / len(provs)
         for j, p in enumerate(provs):
-            val = {f"{r.config}\n{r.dtype} {r.pass_}": r.gbps for r in rs if r.provider == p}
+            val = {f"{r.config}\n{r.dtype} {r.pass_}": metric(r) for r in rs if r.provider == p}
             ax.bar([i + j * width for i in range(len(cases))], [val.get(c, 0) for c in cases], width, label=p)
-        ax.axhline(peaks.copy_gbps, ls="--", c="k", lw=1, label=f"copy {peaks.copy_gbps:.0f} GB/s")
+        peak, unit = (peaks.copy_gbps, "GB/s") if bw else (peaks.matmul_tflops, "TFLOP/s")
+        if peak:
+            ax.axhline(peak, ls="--", c="k", lw=1, label=f"{'copy' if bw else 'bf16 matmul'} {peak:.0f} {unit}")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=7)
-        ax.set_ylabel("GB/s")
+        ax.set_ylabel(unit)
         ax.set_title(f"{op} — {title}")
         ax.legend(fontsize=7, ncol=min(len(provs) + 1, 8))
     fig.tight_layout()

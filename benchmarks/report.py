@@ -5,8 +5,8 @@
                                                       #     <!-- perf-table:begin --> and <!-- perf-table:end -->
     python -m benchmarks.report --summary RUN.json    # per-row summary of one run (gpu_check.sh prints it last)
 
-The README table has one row per (device, op, shape, dtype, pass): our fastest backend, its GB/s and
-% of the copy bandwidth measured in the same run, and its speed-up over the eager reference, the
+The README table has one row per (device, op, shape, dtype, pass): our fastest backend, its GB/s (or
+TFLOP/s) and share of the peak measured in the same run, and its speed-up over the eager reference, the
 reference under torch.compile and the fastest peer (Liger-Kernel, torch's fused op, ...). Only the
 newest file of each device is used. GPU results come first, then CPU results.
 """
@@ -58,10 +58,16 @@ def _speedup(ours: dict, other: Optional[dict], label: bool = False) -> str:
     return f"{text} ({other['provider']})" if label else text
 
 
-def _gbps(r: dict) -> tuple[str, str]:
-    if r.get("gbps") is None:
-        return "—", "—"
-    return f"{r['gbps']:.0f}" if r["gbps"] >= 100 else f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.0f}%"
+def _rate(r: dict) -> tuple[str, str]:
+    """Throughput and its share of the peak measured in the same run: GB/s of the copy bandwidth
+    for memory-bound ops, TFLOP/s of the bf16 matmul for the others."""
+    num = lambda v: f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+    if r.get("gbps"):
+        return f"{num(r['gbps'])} GB/s", f"{r['pct_copy_bw']:.0f}% copy"
+    if r.get("tflops"):
+        pct = r.get("pct_peak_tflops")
+        return f"{num(r['tflops'])} TFLOP/s", (f"{pct:.0f}% matmul" if pct is not None else "—")
+    return "—", "—"
 
 
 def _device_label(doc: dict) -> str:
@@ -70,7 +76,7 @@ def _device_label(doc: dict) -> str:
 
 
 def readme_table(docs: list[dict]) -> str:
-    header = ["device", "op", "shape", "dtype", "pass", "ours", "GB/s", "% copy BW", "vs eager", "vs compile", "vs best peer"]
+    header = ["device", "op", "shape", "dtype", "pass", "ours", "throughput", "of peak", "vs eager", "vs compile", "vs best peer"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     blank = ["—"] * (len(header) - 3)
     for device_type, name in (("cuda", "GPU"), ("cpu", "CPU")):
@@ -84,8 +90,8 @@ def readme_table(docs: list[dict]) -> str:
                 if ours is None:
                     continue
                 by_name = {r["provider"]: r for r in rows}
-                gbps, pct = _gbps(ours)
-                cells = [_device_label(doc), op, config, dtype, pass_, ours["provider"], gbps, pct,
+                rate, pct = _rate(ours)
+                cells = [_device_label(doc), op, config, dtype, pass_, ours["provider"], rate, pct,
                          _speedup(ours, by_name.get("eager")), _speedup(ours, by_name.get("compile")),
                          _speedup(ours, _fastest(rows, "peer"), label=True)]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -97,26 +103,26 @@ def readme_table(docs: list[dict]) -> str:
 
 
 def summary(doc: dict) -> str:
-    """Our providers, one row per case, with speed-ups over every baseline and peer present."""
+    """Our providers, one row per case and one table per op, with the speed-up over every baseline
+    and peer of that op."""
     from .common import text_table
 
-    others = list(dict.fromkeys(r["provider"] for r in doc["results"] if r["kind"] != "ours"))
-    header = ["op", "provider", "shape", "dtype", "pass", "ms", "GB/s", "% copy"] + [f"x {o}" for o in others]
-    rows = []
-    for (op, config, dtype, pass_), group in _groups(doc).items():
-        by_name = {r["provider"]: r for r in group}
-        for r in group:
-            if r["kind"] != "ours":
-                continue
-            gbps, pct = _gbps(r)
-            rows.append([op, r["provider"], config, dtype, pass_, f"{r['median_ms']:.3f}", gbps, pct]
-                        + [_speedup(r, by_name.get(o)).rstrip("×") for o in others])
     peaks = doc["peaks"]
-    head = (f"{doc['meta']['device']}: copy {peaks['copy_gbps']:.0f} GB/s"
-            + (f", bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s" if peaks.get("matmul_tflops") else ""))
-    if not rows:
-        return head + "\n(no results of our backends)"
-    return head + "\n" + text_table(header, rows)
+    out = [f"{doc['meta']['device']}: copy {peaks['copy_gbps']:.0f} GB/s"
+           + (f", bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s" if peaks.get("matmul_tflops") else "")]
+    for op in dict.fromkeys(r["op"] for r in doc["results"]):
+        results = [r for r in doc["results"] if r["op"] == op]
+        others = list(dict.fromkeys(r["provider"] for r in results if r["kind"] != "ours"))
+        header = ["op", "provider", "shape", "dtype", "pass", "ms", "throughput", "of peak"] + [f"x {o}" for o in others]
+        rows = []
+        for (_, config, dtype, pass_), group in _groups({"results": results}).items():
+            by_name = {r["provider"]: r for r in group}
+            for r in group:
+                if r["kind"] == "ours":
+                    rows.append([op, r["provider"], config, dtype, pass_, f"{r['median_ms']:.3f}", *_rate(r)]
+                                + [_speedup(r, by_name.get(o)).rstrip("×") for o in others])
+        out.append(text_table(header, rows) if rows else f"{op}: no results of our backends")
+    return "\n\n".join(out)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

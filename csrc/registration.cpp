@@ -36,6 +36,9 @@ TORCH_LIBRARY(baichuan, m) {
   //   y, dgate, dup: [N, F] contiguous.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor y");
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // Fused layout: h [N, 2F] = [gate | up] (any row stride) -> y [N, F]; backward dy -> dh [N, 2F].
+  m.def("swiglu_packed_fwd(Tensor h) -> Tensor y");
+  m.def("swiglu_packed_bwd(Tensor dy, Tensor h) -> Tensor dh");
   // Rotate-half RoPE in fp32. q, k: [B, T, H, Dh] (unit stride along Dh, any other strides); cos, sin:
   // fp32 [S, Dh] contiguous; position_ids: int64 [B, T] (None: token t uses row t). Outputs contiguous.
   // bwd applies the transposed rotation (dq -> d q_in); apply_rope_inplace rotates q and k in place.

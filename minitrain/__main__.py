@@ -120,6 +120,47 @@ def _convert(p: argparse.ArgumentParser):
     return run
 
 
+@command("train", "train a model (default: tiny-rope on the Python standard library, a few minutes on a CPU)")
+def _train(p: argparse.ArgumentParser):
+    from .train_config import add_arguments, config_from_args
+
+    add_arguments(p)
+
+    def run(args) -> int:
+        from .train import train
+
+        try:
+            cfg = config_from_args(args)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        train(cfg)
+        return 0
+
+    return run
+
+
+@command("bench-model", "time training steps of a preset (GPU: 7b/13b, reduced layers; CPU: a tiny preset)")
+def _bench_model(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default="7b")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: all that fit, see bench.py)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--ac", default="none", choices=("none", "full", "selective"), help="activation checkpointing")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the result to this JSON file")
+
+    def run(args) -> int:
+        from .bench import bench_model
+
+        bench_model(args)
+        return 0
+
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minitrain", description="minitrain: Baichuan 2 on baichuan_kernels")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import baichuan_kernels as bk
-from minitrain.config import PRESETS, Baichuan2Config
+from minitrain.config import PRESETS
 from minitrain.model import Baichuan2, pack_attention_mask
 
 # Small enough for the Triton interpreter: D 64, 2 heads of 32, 2 layers, V 256.
@@ -397,3 +397,15 @@ def test_torch_compile_fullgraph_loss():
         pytest.xfail(f"fullgraph compile of the loss breaks in: {frames[-1].strip() if frames else exc}")
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
     got.backward()
+
+
+def test_swiglu_fused_equals_separate():
+    torch.manual_seed(0)
+    sep = bk.nn.SwiGLU(16, 24, dtype=torch.float64)
+    fused = bk.nn.SwiGLU(16, 24, fused=True, dtype=torch.float64)
+    with torch.no_grad():
+        fused.gate_up_proj.weight.copy_(torch.cat([sep.gate_proj.weight, sep.up_proj.weight]))
+        fused.down_proj.weight.copy_(sep.down_proj.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), sep(x))
+    torch.testing.assert_close(sep(x), sep.down_proj(F.silu(sep.gate_proj(x)) * sep.up_proj(x)))

@@ -104,10 +104,7 @@ def _add(a, b):
 
 def _plain(t: torch.Tensor) -> bool:
     """A real tensor we may scale in place (not a fake / functional tensor under torch.compile)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return (not isinstance(t, FakeTensor) and not torch._C._is_functional_tensor(t)
-            and not torch.compiler.is_compiling())
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 def _make_backward(bwd_op):

@@ -1,16 +1,85 @@
-"""``norm_head_weight``: the public op (reference backend; kernels arrive in later issues)."""
+"""``norm_head_weight``: NormHead (rows of the LM head L2-normalised), every backend.
+
+* reference — :func:`baichuan_kernels.reference.norm_head.norm_head_weight_ref` (plain autograd)
+* cpu, cuda — ``torch.ops.baichuan.norm_head_weight_fwd/bwd`` (csrc/cpu/norm_head.cpp,
+  csrc/cuda/norm_head.cu; one op dispatched by device)
+* triton    — ``torch.ops.baichuan_triton.norm_head_weight_fwd/bwd`` (baichuan_kernels/triton/norm_head.py)
+
+The forward also returns ``rinv = 1 / max(‖W[v]‖, eps)`` (fp32 [V]), saved for the backward
+``dW = rinv · (g − Ŵ (g·Ŵ))`` (``rinv · g`` for rows with ‖W‖ < eps).
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .. import registry
+from .. import _extension, registry
 from .._validation import FLOAT_DTYPES_F64, check_positive, check_tensor
 from ..reference.norm_head import norm_head_weight_ref
+from ..registry import Backend, Impl
 
 __all__ = ["norm_head_weight"]
 
-registry.register("norm_head_weight")
+_KERNELS: dict[Backend, tuple] = {}
+
+
+def _fwd_fake(weight, eps):
+    return torch.empty_like(weight), weight.new_empty(weight.shape[0], dtype=torch.float32)
+
+
+def _bwd_fake(grad, weight, rinv, eps):
+    return torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, eps = inputs
+    _out, rinv = output
+    ctx.mark_non_differentiable(rinv)
+    ctx.eps = eps
+    ctx.save_for_backward(weight, rinv)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad, _drinv):
+        weight, rinv = ctx.saved_tensors
+        return bwd_op(grad.contiguous(), weight, rinv, ctx.eps), None
+
+    return backward
+
+
+def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
+    torch.library.register_fake(fwd_op)(_fwd_fake)
+    torch.library.register_fake(bwd_op)(_bwd_fake)
+    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
+    _KERNELS[backend] = (fwd_op, bwd_op)
+
+
+if _extension.extension_error() is None:
+    _register_kernel(Backend.CPU, torch.ops.baichuan.norm_head_weight_fwd.default,
+                     torch.ops.baichuan.norm_head_weight_bwd.default)
+    if _extension.cuda_compiled():
+        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]
+if registry.TRITON_IMPORT_ERROR is None:
+    from ..triton import norm_head as _triton  # noqa: F401
+
+    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.norm_head_weight_fwd.default,
+                     torch.ops.baichuan_triton.norm_head_weight_bwd.default)
+
+
+def _kernel_dtypes(weight: torch.Tensor, *args) -> Optional[str]:
+    if weight.dtype == torch.float64:
+        return "float64 runs on the reference backend only"
+    return None
+
+
+registry.register(
+    "norm_head_weight",
+    Impl(Backend.CUDA, _kernel_dtypes),
+    Impl(Backend.TRITON, _kernel_dtypes),
+    Impl(Backend.CPU, _kernel_dtypes),
+)
 
 
 def norm_head_weight(weight: torch.Tensor, eps: float = 1e-12, *, backend: str = "auto") -> torch.Tensor:
@@ -19,5 +88,9 @@ def norm_head_weight(weight: torch.Tensor, eps: float = 1e-12, *, backend: str =
     if weight.numel() == 0:
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     check_positive("eps", eps)
-    registry.resolve("norm_head_weight", backend, (weight,), weight, eps)
-    return norm_head_weight_ref(weight, eps)
+    chosen = registry.resolve("norm_head_weight", backend, (weight,), weight, eps)
+    if chosen is Backend.REFERENCE:
+        return norm_head_weight_ref(weight, eps)
+    fwd, _ = _KERNELS[chosen]
+    out, _rinv = fwd(weight.contiguous(), float(eps))
+    return out

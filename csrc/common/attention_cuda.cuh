@@ -2,9 +2,9 @@
 //   - tensor-core primitives for sm_80+ as inline PTX: cp.async (16-byte, zero-fill), ldmatrix(.trans),
 //     mma.sync.aligned.m16n8k16 with fp32 accumulators, fp32x2 -> bf16x2 / f16x2 packing,
 //   - the XOR swizzle of [rows, Dh] 16-bit tiles in shared memory (conflict-free ldmatrix),
-//   - quad / warp max and sum reductions for the online softmax.
-// Inputs are handled as raw 16-bit words (uint16_t): the element type only matters to the mma and to
-// the fp32 <-> 16-bit conversions, selected by the `kBf16` template flag.
+//   - quad max / sum (online softmax rows) and lane-group sums (decode dot products), ex2.approx.
+// The forward handles its inputs as raw 16-bit words (uint16_t): the element type only matters to the mma and
+// to the fp32 -> 16-bit conversions, selected by the `kBf16` template flag.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,6 +26,13 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int D>
 __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);  // element offset
+}
+
+// Byte offset of (row, chunk) in such a tile. For chunk = 2x + c (c = 0, 1) and x < D / 16,
+// lane_offset(row, 2x + c) == lane_offset(row, c) ^ (x << 5): the step to the next 16 columns is an XOR.
+template <int D>
+__device__ __forceinline__ uint32_t lane_offset(int row, int chunk) {
+  return static_cast<uint32_t>(swz<D>(row, chunk)) * 2u;
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -92,20 +99,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
-// One 16-bit value -> fp32 (exact).
-template <bool kBf16>
-__device__ __forceinline__ float to_f32(uint16_t x) {
-  if constexpr (kBf16) {
-    return __uint_as_float(static_cast<uint32_t>(x) << 16);
-  } else {
-    float f;
-    asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(x));
-    return f;
-  }
+// 2^x on the special-function unit (ex2.approx, ~2 ulp; subnormal results flush to 0, which no
+// softmax weight notices). exp2(-inf) = 0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // ------------------------------------------------------------------------------------------------
-// Reductions over the 4 lanes of a quad (the threads sharing one row of an mma fragment) and over a warp.
+// Reductions over the 4 lanes of a quad (the threads sharing one row of an mma fragment) and over lane groups.
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -122,12 +125,6 @@ template <int G>
 __device__ __forceinline__ float group_sum(float v) {
 #pragma unroll
   for (int o = G / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 

@@ -14,8 +14,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/attention_checks.h"
@@ -38,27 +41,59 @@ inline void load_rows(const scalar_t* src, int64_t row0, int64_t n, int64_t h, i
   }
 }
 
+// x[j] = exp(x[j] - shift) for j < n, written for the vectoriser (std::exp is not vectorised without
+// -ffast-math): Cephes-style range reduction exp(v) = 2^k · exp(r), |r| <= ln2/2, degree-6 polynomial
+// (about 1 ulp); v < -87.33 (including -inf) gives exactly 0. Attention only needs v <= 0.
+inline void exp_shifted(float* x, int64_t n, float shift) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float v = x[j] - shift;
+    const bool under = !(v >= -87.33f);  // also catches NaN-free -inf
+    v = std::min(std::max(v, -87.33f), 88.f);
+    const float k = std::floor(v * 1.44269504088896341f + 0.5f);
+    const float r = v - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * r * r + r + 1.f;
+    const std::int32_t bits = (static_cast<std::int32_t>(k) + 127) << 23;
+    x[j] = under ? 0.f : e * std::bit_cast<float>(bits);
+  }
+}
+
 template <typename scalar_t>
 inline float round_to(float x) {
   return static_cast<float>(static_cast<scalar_t>(x));
 }
 
-// Scores of a [nm, Dh] query block against a [nn, Dh] key block: s[i, j] = <q_i, k_j> (q pre-scaled)
-// + slope * (j - i) with positions (q0 + i, k0 + j); -inf where masked. Returns whether any is finite.
-inline void block_scores(const float* q, const float* k, int64_t nm, int64_t nn, int64_t Dh, int64_t q0, int64_t k0,
+// Transpose an fp32 [n, Dh] block into dst [Dh, BLOCK_N] (columns past n are left as they are).
+inline void transpose_block(const float* src, int64_t n, int64_t Dh, float* dst) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < Dh; ++c) dst[c * BLOCK_N + r] = src[r * Dh + c];
+}
+
+// Scores of a [nm, Dh] query block against a key block given transposed, kT [Dh, BLOCK_N] (nn valid
+// columns): s[i, j] = <q_i, k_j> (q pre-scaled) + slope * (j - i) with positions (q0 + i, k0 + j);
+// -inf where masked. The inner loop runs over keys (vectorised, no horizontal sums).
+inline void block_scores(const float* q, const float* kT, int64_t nm, int64_t nn, int64_t Dh, int64_t q0, int64_t k0,
                          float slope, bool causal, float* s) {
   for (int64_t i = 0; i < nm; ++i) {
     const float* qi = q + i * Dh;
     float* si = s + i * BLOCK_N;
-    for (int64_t j = 0; j < nn; ++j) {
-      const float* kj = k + j * Dh;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t c = 0; c < Dh; ++c) dot += qi[c] * kj[c];
-      si[j] = dot;
+#pragma omp simd
+    for (int64_t j = 0; j < BLOCK_N; ++j) si[j] = 0.f;
+    for (int64_t c = 0; c < Dh; ++c) {
+      const float qc = qi[c];
+      const float* kc = kT + c * BLOCK_N;
+#pragma omp simd
+      for (int64_t j = 0; j < BLOCK_N; ++j) si[j] += qc * kc[j];
     }
     const int64_t qpos = q0 + i;
     if (slope != 0.f) {
+#pragma omp simd
       for (int64_t j = 0; j < nn; ++j) si[j] += slope * static_cast<float>(k0 + j - qpos);
     }
     if (causal) {
@@ -92,7 +127,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, n_items * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(BLOCK_M * Dh), kb(BLOCK_N * Dh), vb(BLOCK_N * Dh), acc(BLOCK_M * Dh), s(BLOCK_M * BLOCK_N);
+    std::vector<float> qb(BLOCK_M * Dh), kb(BLOCK_N * Dh), kT(Dh * BLOCK_N, 0.f), vb(BLOCK_N * Dh), acc(BLOCK_M * Dh),
+        s(BLOCK_M * BLOCK_N);
     std::vector<float> m(BLOCK_M), l(BLOCK_M);
     for (int64_t w = begin; w < end; ++w) {
       const WorkItem& it = items[w / H];
@@ -108,18 +144,20 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t nn = std::min(BLOCK_N, n_end - n0);
         load_rows(kp, it.start + n0, nn, h, H, Dh, kb.data());
         load_rows(vp, it.start + n0, nn, h, H, Dh, vb.data());
-        block_scores(qb.data(), kb.data(), nm, nn, Dh, it.m0, n0, slope, causal, s.data());
+        transpose_block(kb.data(), nn, Dh, kT.data());
+        block_scores(qb.data(), kT.data(), nm, nn, Dh, it.m0, n0, slope, causal, s.data());
         for (int64_t i = 0; i < nm; ++i) {
           float* si = s.data() + i * BLOCK_N;
           float mx = m[i];
           for (int64_t j = 0; j < nn; ++j) mx = std::max(mx, si[j]);
           if (mx == neg_inf) continue;  // nothing allowed in this block for this row
           const float alpha = std::exp(m[i] - mx);  // 0 when m[i] was -inf
+          exp_shifted(si, nn, mx);
           float rs = 0.f;
-          for (int64_t j = 0; j < nn; ++j) {
-            const float p = std::exp(si[j] - mx);
-            rs += p;
-            si[j] = round_to<scalar_t>(p);
+#pragma omp simd reduction(+ : rs)
+          for (int64_t j = 0; j < nn; ++j) rs += si[j];
+          if (!std::is_same<scalar_t, float>::value) {
+            for (int64_t j = 0; j < nn; ++j) si[j] = round_to<scalar_t>(si[j]);
           }
           l[i] = l[i] * alpha + rs;
           m[i] = mx;
@@ -169,7 +207,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   // One work item per (sequence, head): sequential inside, so dq is reduced in a fixed order.
   at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, kf, vf, dof, dqf, delta, dkb(BLOCK_N * Dh), dvb(BLOCK_N * Dh);
-    std::vector<float> s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N), tmp(Dh);
+    std::vector<float> s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N), kT(Dh * BLOCK_N, 0.f), vT(Dh * BLOCK_N, 0.f);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t seq = w / H, h = w % H;
       const int64_t start = bounds[seq], len = bounds[seq + 1] - bounds[seq];
@@ -200,29 +238,36 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
         std::fill(dvb.begin(), dvb.end(), 0.f);
         const float* kb = kf.data() + n0 * Dh;
         const float* vb = vf.data() + n0 * Dh;
+        transpose_block(kb, nn, Dh, kT.data());
+        transpose_block(vb, nn, Dh, vT.data());
         const int64_t m_begin = causal ? (n0 / BLOCK_M) * BLOCK_M : 0;
         for (int64_t m0 = m_begin; m0 < len; m0 += BLOCK_M) {
           const int64_t nm = std::min(BLOCK_M, len - m0);
           const float* qb = qf.data() + m0 * Dh;
           const float* dob = dof.data() + m0 * Dh;
-          block_scores(qb, kb, nm, nn, Dh, m0, n0, slope, causal, s.data());
+          block_scores(qb, kT.data(), nm, nn, Dh, m0, n0, slope, causal, s.data());
           for (int64_t i = 0; i < nm; ++i) {
             float* si = s.data() + i * BLOCK_N;
             float* dpi = dp.data() + i * BLOCK_N;
             const float li = lrow[m0 + i];
             const float* doi = dob + i * Dh;
+            // dP_i = dout_i . V^T (vectorised over keys)
+#pragma omp simd
+            for (int64_t j = 0; j < BLOCK_N; ++j) dpi[j] = 0.f;
+            for (int64_t c = 0; c < Dh; ++c) {
+              const float dc = doi[c];
+              const float* vc = vT.data() + c * BLOCK_N;
+#pragma omp simd
+              for (int64_t j = 0; j < BLOCK_N; ++j) dpi[j] += dc * vc[j];
+            }
+            exp_shifted(si, nn, li);  // exact 0 where masked
             for (int64_t j = 0; j < nn; ++j) {
-              const float p = std::exp(si[j] - li);  // exact 0 where masked
-              si[j] = p;
+              const float p = si[j];
               if (p == 0.f) {
                 dpi[j] = 0.f;
                 continue;
               }
-              const float* vj = vb + j * Dh;
-              float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-              for (int64_t c = 0; c < Dh; ++c) acc += doi[c] * vj[c];
-              dpi[j] = p * (acc - delta[m0 + i]);  // dS (before the scale)
+              dpi[j] = p * (dpi[j] - delta[m0 + i]);  // dS (before the scale)
               // dv_j += round(p) * dout_i
               const float pr = round_to<scalar_t>(p);
               float* dvj = dvb.data() + j * Dh;

@@ -33,6 +33,8 @@ namespace {
 
 constexpr int64_t kGemvMaxM = 16;  // M above this takes the dequantise + at::mm path
 constexpr int kTileM = 4;          // x rows served by one pass over a weight row
+constexpr int64_t kRowBlock = 32;  // weight rows per block of the GEMV (accumulators: 32 x 16 floats)
+constexpr int64_t kChunkK = 512;   // K chunk of the GEMV (a multiple of every group size and of 16)
 
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
@@ -44,18 +46,18 @@ inline float hsum(__m256 v) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// bits = 4, one weight row n against MT x rows. q: K/2 bytes; s, z: [G]; xp: permuted fp32 x rows
-// (stride K); xs: group sums of x (stride G); out: MT results.
+// bits = 4, groups [g0, g1) of one weight row n against MT x rows, added to out[0 .. MT).
+// q: K/2 bytes; s, z: [G]; xp: permuted fp32 x rows (stride K); xs: group sums of x (stride G).
 template <int MT>
 void w4_gemv_row(const uint8_t* q, const float* s, const float* z, const float* xp, const float* xs, int64_t K,
-                 int64_t gs, float* out) {
+                 int64_t gs, int64_t g0, int64_t g1, float* out) {
   const int64_t G = K / gs;
 #ifdef __AVX2__
   constexpr int NACC = MT == 1 ? 4 : 2;  // independent FMA chains per x row
   __m256 tot[MT];
   for (int m = 0; m < MT; ++m) tot[m] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi32(0xF);
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     __m256 acc[MT][NACC];
     for (int m = 0; m < MT; ++m)
       for (int a = 0; a < NACC; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -82,10 +84,9 @@ void w4_gemv_row(const uint8_t* q, const float* s, const float* z, const float* 
       tot[m] = _mm256_fmadd_ps(a, sv, tot[m]);
     }
   }
-  for (int m = 0; m < MT; ++m) out[m] = hsum(tot[m]);
+  for (int m = 0; m < MT; ++m) out[m] += hsum(tot[m]);
 #else
-  for (int m = 0; m < MT; ++m) out[m] = 0.f;
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     for (int m = 0; m < MT; ++m) {
       const float* xr = xp + m * K;
       float acc = 0.f;
@@ -100,19 +101,20 @@ void w4_gemv_row(const uint8_t* q, const float* s, const float* z, const float* 
 #endif
   for (int m = 0; m < MT; ++m) {
     float zx = 0.f;
-    for (int64_t g = 0; g < G; ++g) zx += z[g] * xs[m * G + g];
+    for (int64_t g = g0; g < g1; ++g) zx += z[g] * xs[m * G + g];
     out[m] += zx;
   }
 }
 
-// bits = 8, one weight row (K int8 codes, scale s) against MT fp32 x rows (stride K).
+// bits = 8, codes [k0, k1) of one weight row (K int8 codes; k0 a multiple of 16) against MT fp32 x rows
+// (stride K): the unscaled dot products are added to out[0 .. MT).
 template <int MT>
-void w8_gemv_row(const int8_t* q, float s, const float* xf, int64_t K, float* out) {
-  int64_t k = 0;
+void w8_gemv_row(const int8_t* q, const float* xf, int64_t K, int64_t k0, int64_t k1, float* out) {
+  int64_t k = k0;
 #ifdef __AVX2__
   __m256 acc[MT][2];
   for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-  for (; k + 16 <= K; k += 16) {
+  for (; k + 16 <= k1; k += 16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k));
     const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
     const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
@@ -121,16 +123,14 @@ void w8_gemv_row(const int8_t* q, float s, const float* xf, int64_t K, float* ou
       acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xf + m * K + k + 8), acc[m][1]);
     }
   }
-  for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
-#else
-  for (int m = 0; m < MT; ++m) out[m] = 0.f;
+  for (int m = 0; m < MT; ++m) out[m] += hsum(_mm256_add_ps(acc[m][0], acc[m][1]));
 #endif
   for (int m = 0; m < MT; ++m) {
     const float* xr = xf + m * K;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t kk = k; kk < K; ++kk) acc += static_cast<float>(q[kk]) * xr[kk];
-    out[m] = (out[m] + acc) * s;
+    for (int64_t kk = k; kk < k1; ++kk) acc += static_cast<float>(q[kk]) * xr[kk];
+    out[m] += acc;
   }
 }
 
@@ -174,31 +174,47 @@ void quant_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& 
   const uint8_t* q4 = bits == 4 ? qdata.data_ptr<uint8_t>() : nullptr;
   const int8_t* q8 = bits == 8 ? qdata.data_ptr<int8_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float out[kTileM];
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
-        const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
-        const float* xr = xfp + m0 * K;
-        if (bits == 4) {
-          const uint8_t* q = q4 + n * (K / 2);
-          const float *s = sp + n * G, *z = zp + n * G, *xsr = xsp + m0 * G;
-          switch (mt) {
-            case 1: w4_gemv_row<1>(q, s, z, xr, xsr, K, gs, out); break;
-            case 2: w4_gemv_row<2>(q, s, z, xr, xsr, K, gs, out); break;
-            case 3: w4_gemv_row<3>(q, s, z, xr, xsr, K, gs, out); break;
-            default: w4_gemv_row<4>(q, s, z, xr, xsr, K, gs, out); break;
-          }
-        } else {
-          const int8_t* q = q8 + n * K;
-          switch (mt) {
-            case 1: w8_gemv_row<1>(q, sp[n], xr, K, out); break;
-            case 2: w8_gemv_row<2>(q, sp[n], xr, K, out); break;
-            case 3: w8_gemv_row<3>(q, sp[n], xr, K, out); break;
-            default: w8_gemv_row<4>(q, sp[n], xr, K, out); break;
+  // Blocks of kRowBlock weight rows per task; K in chunks of kChunkK so that the x chunk of all M rows
+  // (<= 16 x 512 fp32 = 32 KiB) stays in L1 while the rows of the block stream past it.
+  at::parallel_for(0, N, kRowBlock, [&](int64_t nb0, int64_t nb1) {
+    float acc[kRowBlock * kGemvMaxM];
+    for (int64_t n0 = nb0; n0 < nb1; n0 += kRowBlock) {
+      const int64_t n1 = std::min(nb1, n0 + kRowBlock);
+      std::fill(acc, acc + kRowBlock * kGemvMaxM, 0.f);
+      for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
+        const int64_t k1 = std::min(K, k0 + kChunkK);
+        for (int64_t n = n0; n < n1; ++n) {
+          float* out_n = acc + (n - n0) * kGemvMaxM;
+          for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+            const int mt = static_cast<int>(std::min<int64_t>(kTileM, M - m0));
+            const float* xr = xfp + m0 * K;
+            float* out = out_n + m0;
+            if (bits == 4) {
+              const uint8_t* q = q4 + n * (K / 2);
+              const float *s = sp + n * G, *z = zp + n * G, *xsr = xsp + m0 * G;
+              const int64_t g0 = k0 / gs, g1 = k1 / gs;
+              switch (mt) {
+                case 1: w4_gemv_row<1>(q, s, z, xr, xsr, K, gs, g0, g1, out); break;
+                case 2: w4_gemv_row<2>(q, s, z, xr, xsr, K, gs, g0, g1, out); break;
+                case 3: w4_gemv_row<3>(q, s, z, xr, xsr, K, gs, g0, g1, out); break;
+                default: w4_gemv_row<4>(q, s, z, xr, xsr, K, gs, g0, g1, out); break;
+              }
+            } else {
+              const int8_t* q = q8 + n * K;
+              switch (mt) {
+                case 1: w8_gemv_row<1>(q, xr, K, k0, k1, out); break;
+                case 2: w8_gemv_row<2>(q, xr, K, k0, k1, out); break;
+                case 3: w8_gemv_row<3>(q, xr, K, k0, k1, out); break;
+                default: w8_gemv_row<4>(q, xr, K, k0, k1, out); break;
+              }
+            }
           }
         }
-        for (int i = 0; i < mt; ++i) yp[(m0 + i) * N + n] = static_cast<scalar_t>(out[i]);
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        const float row_scale = bits == 8 ? sp[n] : 1.f;
+        for (int64_t m = 0; m < M; ++m)
+          yp[m * N + n] = static_cast<scalar_t>(acc[(n - n0) * kGemvMaxM + m] * row_scale);
       }
     }
   });

@@ -39,9 +39,10 @@ Plane<T> plane(const at::Tensor& src, at::Tensor& dst, bool rotate) {
 }
 
 template <typename T, bool kTranspose>
-inline void rotate_head(const T* __restrict__ x, T* y, const float* __restrict__ c, const float* __restrict__ s,
+inline void rotate_head(const T* x, T* y, const float* __restrict__ c, const float* __restrict__ s,
                         int64_t h) {
-  // x may alias y (in place): iteration i only touches elements i and i + h.
+  // x may alias y (in place; hence no __restrict__ on them): iteration i reads elements i and i + h
+  // into registers before writing the same two elements.
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
     const float x1 = static_cast<float>(x[i]), x2 = static_cast<float>(x[i + h]);

@@ -222,7 +222,8 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
   const int64_t bh = static_cast<int64_t>(B) * H;
   const int max_splits = std::max(1, (S_max + kSplitAlign - 1) / kSplitAlign);
-  int want = static_cast<int>(std::min<int64_t>(max_splits, std::max<int64_t>(1, (int64_t{kCtasPerSm} * sms + bh - 1) / bh)));
+  const int64_t fill = std::max<int64_t>(1, (int64_t{kCtasPerSm} * sms + bh - 1) / bh);  // splits to fill the GPU
+  const int want = static_cast<int>(std::min<int64_t>(max_splits, fill));
   int split_len = ((S_max + want - 1) / want + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
   split_len = std::min(std::max(split_len, kSplitAlign), kMaxSplitLen);
   const int splits = (S_max + split_len - 1) / split_len;
@@ -240,8 +241,8 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       slopes, pa, pm, out.mutable_data_ptr<T>(), scale_log2, H, S_max, split_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
-    decode_combine_kernel<T, DH><<<dim3(H, B), DH, 0, stream>>>(pa, pm, seqlens.const_data_ptr<int>(),
-                                                                 out.mutable_data_ptr<T>(), H, S_max, split_len, splits);
+    decode_combine_kernel<T, DH><<<dim3(H, B), DH, 0, stream>>>(
+        pa, pm, seqlens.const_data_ptr<int>(), out.mutable_data_ptr<T>(), H, S_max, split_len, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

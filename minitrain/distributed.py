@@ -1,0 +1,103 @@
+"""Scale-out pieces, each applied to a plain :class:`~minitrain.model.Baichuan2` in place:
+
+- :func:`init_distributed` — ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU.
+- :func:`apply_activation_checkpointing` — ``torch.utils.checkpoint`` (non-reentrant) around every
+  decoder layer ("full") or every ``every``-th one ("selective"). The layer's ``forward`` is replaced
+  on the instance, so parameter names (and checkpoints) do not change.
+- :func:`apply_compile` — ``torch.compile`` of each decoder layer (``nn.Module.compile``: in place).
+- :func:`apply_fsdp` — FSDP2: ``fully_shard`` on every decoder layer, then on the root (embedding,
+  final norm, head), with a :class:`MixedPrecisionPolicy` (bf16 parameters for compute, fp32 gradient
+  reduction; the sharded fp32 parameters are the master weights, so the optimizer state is fp32).
+
+Order (as torchtitan): checkpointing, then compile, then FSDP — FSDP's unshard hooks run around the
+checkpointed layer call, so the recomputation in backward sees gathered parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp",
+           "is_main", "barrier", "all_reduce", "world"]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun describes (no-op when WORLD_SIZE is 1 or unset)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if n > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if n > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    rank, n = world()
+    return rank, n, dev
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
+    return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 2) -> int:
+    """Recompute decoder layers in backward; returns how many layers were wrapped."""
+    if mode == "none":
+        return 0
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation checkpointing mode must be none|full|selective, got {mode!r}")
+    n = 0
+    for i, layer in enumerate(model.model.layers):
+        if mode == "full" or i % every == 0:
+            layer.forward = functools.partial(_checkpointed_forward, layer)
+            n += 1
+    return n
+
+
+def apply_compile(model: nn.Module) -> None:
+    for layer in model.model.layers:
+        layer.compile()
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: Optional[torch.dtype] = None,
+               reduce_dtype: Optional[torch.dtype] = torch.float32) -> nn.Module:
+    """Shard every decoder layer and the root over a 1-D mesh of all ranks (ZeRO-3 style)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world()[1],))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    layers = list(model.model.layers)
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are needed again at once in backward: keep them gathered
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
