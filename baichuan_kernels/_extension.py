@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` from the repository root"
 
 try:

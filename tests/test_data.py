@@ -28,7 +28,7 @@ def data_dir(docs, tokenizer, tmp_path):
 
 
 def test_stdlib_corpus_is_capped_and_has_no_tests(docs):
-    assert 100_000 < sum(map(len, docs)) <= 150_000
+    assert 50_000 < sum(map(len, docs)) <= 150_000
     assert all(not d.lstrip().startswith("import unittest") for d in docs)
 
 

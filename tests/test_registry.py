@@ -136,3 +136,10 @@ def test_triton_needs_the_interpreter_on_cpu():
         {},
     )
     assert out.strip() == "refused"
+
+
+@pytest.mark.skipif(not bk.build_info()["extension"], reason="extension not built")
+def test_extension_loads_when_imported_first():
+    # `import baichuan_kernels` before torch must still load _C (it links against libc10/libtorch).
+    out = _run_python("import baichuan_kernels as bk; print(bk.build_info()['extension'])", {})
+    assert out.strip() == "True"
