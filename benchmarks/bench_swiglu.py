@@ -7,8 +7,9 @@ Memory-bound, so the figure of merit is GB/s of the minimal traffic (b = bytes p
     bwd      reads dy, gate, up;         writes dgate, dup            5·N·F·b
     fwd+bwd  = 8·N·F·b
 
-"fused" cases take gate and up as the two halves of one [N, 2F] matmul output (row stride 2F), the
-layout of a fused gate/up projection; gradients then flow into that [N, 2F] tensor.
+"fused" cases take gate and up as the two halves of one [N, 2F] matmul output h (row stride 2F), the
+layout of a fused gate/up projection; gradients then flow into h. Our backends run ``swiglu(h)``
+(the packed ops: dh written directly), the others get the two halves as views.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Inputs:
     gate: torch.Tensor  # [N, F] (a view of h when fused)
     up: torch.Tensor  # [N, F]
     leaves: tuple  # tensors the gradients are taken for
+    h: Optional[torch.Tensor]  # [N, 2F] (fused cases)
     dy: Optional[torch.Tensor]  # [N, F] (fwd+bwd)
 
 
@@ -79,17 +81,21 @@ def make_inputs(case: Case, n_sets: int, device: torch.device) -> list[Inputs]:
         if case.fused:
             h = rand(case.n, 2 * case.f, scale=2.0)
             g, u = h.chunk(2, dim=-1)
-            sets.append(Inputs(g, u, (h,), dy))
+            sets.append(Inputs(g, u, (h,), h, dy))
         else:
             g, u = rand(case.n, case.f, scale=2.0), rand(case.n, case.f)
-            sets.append(Inputs(g, u, (g, u), dy))
+            sets.append(Inputs(g, u, (g, u), None, dy))
     return sets
 
 
-def step(f: Callable, case: Case) -> Callable[[Inputs], object]:
+def step(f: Callable, case: Case, packed: Optional[Callable] = None) -> Callable[[Inputs], object]:
+    """``f(gate, up)``; ``packed(h)``, when given, runs the fused cases instead."""
+    def call(inp: Inputs):
+        return packed(inp.h) if packed is not None and inp.h is not None else f(inp.gate, inp.up)
+
     if case.pass_ == "fwd":
-        return lambda inp: f(inp.gate, inp.up)
-    return lambda inp: torch.autograd.grad(f(inp.gate, inp.up), inp.leaves, inp.dy)
+        return call
+    return lambda inp: torch.autograd.grad(call(inp), inp.leaves, inp.dy)
 
 
 # ------------------------------------------------------------------------------------ providers
@@ -119,7 +125,7 @@ def _ours(backend: str, device: torch.device) -> Provider:
             bk.swiglu(x, x, backend=backend)
         except ValueError as exc:
             raise Unsupported(str(exc)) from None
-        return step(lambda g, u: bk.swiglu(g, u, backend=backend), case)
+        return step(lambda g, u: bk.swiglu(g, u, backend=backend), case, lambda h: bk.swiglu(h, backend=backend))
 
     return Provider(backend, "ours", build, reason)
 

@@ -87,7 +87,7 @@ def bench_model(args) -> dict:
            "tokens_per_s": tps, "flops_per_token": flops_per_token(cfg, seq),
            "tflops": tps * flops_per_token(cfg, seq) / 1e12, "mfu": tps * flops_per_token(cfg, seq) / peak if peak else None,
            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "loss": float(loss)}
+           "loss": float(loss.detach())}
     mfu = f"{100 * res['mfu']:.1f}% MFU" if res["mfu"] is not None else "MFU n/a (no peak for this device)"
     print(f"bench-model {args.preset} [{preset}, {layers}/{base.num_layers} layers, {res['parameters'] / 1e9:.2f} B params] "
           f"seq {seq} × batch {args.batch} on {res['device']}: {t * 1e3:.1f} ms/step, {tps:,.0f} tokens/s, "
