@@ -92,10 +92,19 @@ if not (info.get("cuda") and "9.0a" in str(info.get("cuda_archs"))):
     failures.append(f"build_info() should report CUDA with arch 9.0a, got {info}")
 
 # Ops a csrc/cuda/*.cu implements: m.impl("name", ...) inside TORCH_LIBRARY_IMPL(baichuan, CUDA, m).
+def impl_blocks(text):
+    """Bodies of the TORCH_LIBRARY_IMPL(baichuan, CUDA, m) { ... } blocks (braces matched)."""
+    for m in re.finditer(r"TORCH_LIBRARY_IMPL\(\s*baichuan\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{", text):
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        yield text[m.end():i]
+
+
 cuda_ops = set()
 for path in sorted(glob.glob(os.path.join(os.environ["BK_CUDA_SOURCES"], "*.cu"))):
-    text = open(path).read()
-    for block in re.findall(r"TORCH_LIBRARY_IMPL\(\s*baichuan\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{(.*?)\n\}", text, re.S):
+    for block in impl_blocks(open(path).read()):
         cuda_ops.update(re.findall(r'\.impl\(\s*"([\w.]+)"', block))
 
 all_ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("baichuan::"))

@@ -17,7 +17,7 @@ import time
 import torch
 
 from .config import get_config
-from .distributed import apply_activation_checkpointing, apply_compile
+from .distributed import apply_activation_checkpointing, apply_compile, cast_embedding_output
 from .train import build_model, flops_per_token, make_optimizer, peak_flops
 from .train_config import TrainConfig
 
@@ -54,6 +54,8 @@ def bench_model(args) -> dict:
         apply_compile(model)
     opt = make_optimizer(model, TrainConfig(preset=preset, max_steps=args.steps + 2))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        cast_embedding_output(model, torch.bfloat16)
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, seq), generator=g).to(device)
 

@@ -34,7 +34,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-__all__ = ["stdlib_documents", "train_tokenizer", "load_tokenizer", "build_dataset", "TokenData",
+__all__ = ["stdlib_documents", "text_documents", "train_tokenizer", "load_tokenizer", "build_dataset", "TokenData",
            "Sampler", "segment_ids", "DataError"]
 
 MANIFEST = "manifest.json"
@@ -77,6 +77,27 @@ def stdlib_documents(max_bytes: int, root: Optional[str] = None) -> list[str]:
     if not docs:
         raise DataError(f"no standard-library source found under {root}")
     return docs
+
+
+def text_documents(path, max_bytes: int) -> list[str]:
+    """A user's corpus: one text file (one document), or every *.txt/*.md/*.py/*.jsonl... file under a
+    directory (one document per file, sorted by path), capped at ``max_bytes``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"corpus {path} does not exist")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT)
+    docs, total = [], 0
+    for f in files:
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if text.strip() and total < max_bytes:
+            docs.append(text[: max_bytes - total])
+            total += len(docs[-1])
+    if not docs:
+        raise DataError(f"corpus {path}: no text files ({', '.join(sorted(_TEXT))})")
+    return docs
+
+
+_TEXT = {".txt", ".md", ".py", ".rst", ".c", ".h", ".json", ".jsonl", ".csv", ".html", ".tex"}
 
 
 # --------------------------------------------------------------------------------- tokenizer
@@ -153,7 +174,8 @@ def build_dataset(out_dir, docs: list[str], tokenizer_model: str, *, shard_token
     try:
         shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
         manifest = {"format": "minitrain.tokens", "version": 1, "dtype": dtype.name, "vocab_size": vocab,
-                    "eos_id": eos, "source": source or {}, "tokenizer": "tokenizer.model", "tokenizer_sha256": sha256_file(tmp / "tokenizer.model"),
+                    "eos_id": eos, "source": source or {}, "tokenizer": "tokenizer.model",
+                    "tokenizer_sha256": sha256_file(tmp / "tokenizer.model"),
                     "splits": {k: _write_split(tmp, k, v, eos, dtype, shard_tokens) for k, v in splits.items()}}
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
@@ -262,7 +284,8 @@ def make_batch(data: TokenData, windows: list[tuple[int, int]], idx: list[int], 
     return ids, (segment_ids(ids, data.eos_id) if masking else None)
 
 
-def corpus_key(max_bytes: int, vocab_size: int, tokenizer: Optional[str]) -> dict:
-    """What identifies a built embedded corpus (a cached data directory is reused when it matches)."""
-    return {"corpus": "stdlib", "python": sys.version.split()[0], "max_bytes": max_bytes,
+def corpus_key(corpus: str, max_bytes: int, vocab_size: int, tokenizer: Optional[str]) -> dict:
+    """What identifies a built corpus (a cached data directory is reused when it matches)."""
+    return {"corpus": corpus if corpus == "stdlib" else str(Path(corpus).resolve()),
+            "python": sys.version.split()[0], "max_bytes": max_bytes,
             "vocab_size": vocab_size, "tokenizer_sha256": sha256_file(tokenizer) if tokenizer else None}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp",
+__all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "cast_embedding_output",
            "is_main", "barrier", "all_reduce", "world"]
 
 
@@ -82,6 +83,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: 
     return n
 
 
+def cast_embedding_output(model: nn.Module, dtype: torch.dtype) -> None:
+    """For autocast: the embedding lookup is not autocast, so its fp32 output would make the residual
+    stream fp32 while the layers return ``dtype``; cast it (as FSDP's bf16 parameters would)."""
+    model.model.embed_tokens.register_forward_hook(lambda _m, _i, out: out.to(dtype))
+
+
 def apply_compile(model: nn.Module) -> None:
     for layer in model.model.layers:
         layer.compile()
@@ -93,6 +100,8 @@ def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: Optional[tor
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # the layers return views (e.g. the embedding as the first residual) that nothing modifies in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world()[1],))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = list(model.model.layers)

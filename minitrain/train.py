@@ -8,8 +8,9 @@ micro-steps and the ranks. The loss is the mean over every trained target of the
     for each micro-batch:  loss(ids, labels=ids, attention_mask=segment ids).backward()
     clip the global grad norm to 0.5;  AdamW step;  lr ← warm-up / cosine schedule
 
-Outputs under ``OUT``: ``metrics.jsonl`` (one object per logged step: step, loss, ce, z, lr,
-grad_norm, tokens_per_s, mfu, peak_mem_gb, [val_loss]), ``checkpoints/`` (see checkpoint.py),
+Outputs under ``OUT``: ``metrics.jsonl`` (one object per logged step: step, loss (that step's),
+loss_avg (mean since the previous record), ce, z, lr, grad_norm, tokens_per_s, mfu, peak_mem_gb,
+tokens, and val_loss where evaluated), ``checkpoints/`` (see checkpoint.py),
 ``hf/`` (consolidated safetensors + tokenizer.model), ``loss.png``, ``sample.txt``, ``tb/``.
 
 MFU = tokens/s × (6·N_matmul + 12·L·D·T) / peak, with N_matmul the parameters of every matmul (all
@@ -37,10 +38,11 @@ import torch
 from . import checkpoint as ckpt
 from .config import Baichuan2Config, config_to_dict, get_config
 from .data import TokenData, Sampler, build_dataset, corpus_key, make_batch, read_manifest, stdlib_documents, \
-    train_tokenizer
+    text_documents, train_tokenizer
 from .distributed import all_reduce, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier, \
-    init_distributed, world
+    cast_embedding_output, init_distributed, world
 from .model import Baichuan2
+from .outputs import Progress, plot_losses, sample_text, tensorboard_writer
 from .train_config import TrainConfig
 
 __all__ = ["train", "prepare_data", "flops_per_token", "peak_flops", "lr_at", "build_model"]
@@ -84,12 +86,13 @@ def log(*a) -> None:
 
 # ------------------------------------------------------------------------------------------ data
 def prepare_data(cfg: TrainConfig, out: Path) -> Path:
-    """``--data DIR`` as is; else the embedded corpus, built once into OUT/data (rebuilt if settings change)."""
+    """``--data DIR`` as is; else ``--corpus`` (stdlib, or a text file / directory of text files) is
+    tokenized once into OUT/data (rebuilt when the corpus settings change)."""
     if cfg.data is not None:
         read_manifest(cfg.data)
         return Path(cfg.data)
     data_dir = out / "data"
-    key = corpus_key(cfg.corpus_max_bytes, cfg.vocab_size, cfg.tokenizer)
+    key = corpus_key(cfg.corpus, cfg.corpus_max_bytes, cfg.vocab_size, cfg.tokenizer)
     if world()[0] == 0:
         try:
             fresh = read_manifest(data_dir).get("source") == key
@@ -97,8 +100,9 @@ def prepare_data(cfg: TrainConfig, out: Path) -> Path:
             fresh = False
         if not fresh:
             t0 = time.time()
-            docs = stdlib_documents(cfg.corpus_max_bytes)
-            log(f"corpus: {len(docs)} standard-library files, {sum(map(len, docs)) / 1e6:.1f} MB")
+            docs = (stdlib_documents(cfg.corpus_max_bytes) if cfg.corpus == "stdlib"
+                    else text_documents(cfg.corpus, cfg.corpus_max_bytes))
+            log(f"corpus {cfg.corpus}: {len(docs)} files, {sum(map(len, docs)) / 1e6:.1f} MB")
             tok = cfg.tokenizer
             if tok is None:
                 out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +142,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         skip = p.ndim < 2 or (not cfg.decay_embeddings and "embed_tokens" in name)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    fused = decay[0].device.type == "cuda" or None  # one kernel per step on GPU; the CPU default elsewhere
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -148,6 +153,26 @@ def _check_out(cfg: TrainConfig, out: Path) -> None:
     if has_run and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start "
                               "afresh there, or another --out")
+
+
+_SAME_RUN = ("preset", "seq_len", "layers", "batch_size", "document_masking", "seed", "z_loss_weight")
+
+
+def _check_same_run(state: dict, cfg: TrainConfig, mcfg: Baichuan2Config, path: Path) -> None:
+    saved = state["train_config"]
+    diff = [f"{k}: {saved.get(k)!r} → {getattr(cfg, k)!r}" for k in _SAME_RUN if saved.get(k) != getattr(cfg, k)]
+    arch = lambda d: {k: v for k, v in d.items() if not k.startswith("backend")}  # noqa: E731
+    if arch(state["model_config"]) != arch(config_to_dict(mcfg)):
+        diff.append("the model configuration")
+    if diff:
+        raise ckpt.CheckpointError(f"--resume: {path} was written with other settings ({'; '.join(diff)})")
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):  # a line cut short by a crash
+        return math.inf
 
 
 def _n_targets(ids: torch.Tensor, seg: Optional[torch.Tensor]) -> int:
@@ -166,13 +191,15 @@ def _batch_losses(model, ids, seg, n_total: int, ctx):
 
 @torch.no_grad()
 def evaluate(model, val: TokenData, cfg: TrainConfig, T: int, device, ctx) -> float:
+    """Mean validation CE over the first ``eval_batches × batch_size`` windows (the same set for any
+    number of ranks and micro-steps: rank r takes every n-th window, in micro-batches)."""
     rank, n = world()
     windows = val.windows(T)
-    b = max(1, cfg.batch_size // (cfg.grad_accum * n))
+    mine = [i % len(windows) for i in range(cfg.eval_batches * cfg.batch_size)][rank::n]
+    b = cfg.batch_size // (cfg.grad_accum * n)
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for k in range(cfg.eval_batches):
-        idx = [(k * b * n + rank * b + j) % len(windows) for j in range(b)]
-        ids, seg = make_batch(val, windows, idx, T, cfg.document_masking)
+    for k in range(0, len(mine), b):
+        ids, seg = make_batch(val, windows, mine[k:k + b], T, cfg.document_masking)
         with ctx:
             out = model(ids.to(device), labels=ids.to(device), attention_mask=None if seg is None else seg.to(device))
         m = _n_targets(ids, seg)
@@ -201,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
     mcfg = model_config(cfg, train_data.vocab_size)
     T = mcfg.seq_len
-    amp = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(cfg.dtype) or _DTYPES[cfg.dtype]
+    amp = _DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(mcfg, device, cfg.seed)
     n_params = model.num_parameters()
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
@@ -211,7 +238,10 @@ def train(cfg: TrainConfig) -> dict:
         apply_fsdp(model, device, param_dtype=None if amp == torch.float32 else amp)
         ctx = nullcontext()  # FSDP's MixedPrecisionPolicy casts the parameters
     else:
-        ctx = nullcontext() if amp == torch.float32 else torch.autocast(device.type, dtype=amp)
+        ctx = nullcontext()
+        if amp != torch.float32:
+            ctx = torch.autocast(device.type, dtype=amp)
+            cast_embedding_output(model, amp)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     windows = train_data.windows(T)
@@ -220,12 +250,13 @@ def train(cfg: TrainConfig) -> dict:
     latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
     if latest is not None:
         state = ckpt.load(latest, model, optimizer)
+        _check_same_run(state, cfg, mcfg, latest)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
         log(f"resumed from {latest} (step {step})")
         if rank == 0 and metrics_path.exists():  # drop records of steps after the checkpoint
-            keep = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            keep = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= step]
             ckpt._write_atomic(metrics_path, "".join(line + "\n" for line in keep))
     elif cfg.resume:
         log(f"--resume: no checkpoint under {ckpt_root} yet, starting from step 0")
@@ -235,12 +266,12 @@ def train(cfg: TrainConfig) -> dict:
     log(f"model {cfg.preset}: {n_params / 1e6:.2f} M parameters, vocab {mcfg.vocab_size}, seq {T}; "
         f"{n_ranks} rank(s) on {device.type}; {cfg.max_steps} steps × {cfg.batch_size} sequences, "
         f"peak lr {cfg.peak_lr:g}, warm-up {cfg.warmup}")
-    tb = _tensorboard(out / "tb") if cfg.tensorboard and rank == 0 else None
-    bar = _progress(cfg, step) if rank == 0 else None
+    tb = tensorboard_writer(out / "tb") if cfg.tensorboard and rank == 0 else None
+    bar = Progress(cfg, step) if rank == 0 else None
     b = cfg.batch_size // (cfg.grad_accum * n_ranks)
     metrics_file = open(metrics_path, "a") if rank == 0 else None
     last = {}
-    t_log, tokens_since = time.perf_counter(), 0
+    t_log, tokens_since, loss_sum, n_since = time.perf_counter(), 0, 0.0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -267,6 +298,7 @@ def train(cfg: TrainConfig) -> dict:
         tokens_since += cfg.batch_size * T
         all_reduce(sums)
         loss_v, ce_v, z_v = (float(x) for x in sums)
+        loss_sum, n_since = loss_sum + loss_v, n_since + 1
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"step {step}: the loss is {loss_v}")
         if bar is not None:
@@ -275,7 +307,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.log_every == 0 or do_eval or step == 1:
             dt = time.perf_counter() - t_log
             tps = tokens_since / dt
-            rec = {"step": step, "loss": loss_v, "ce": ce_v, "z": z_v, "lr": lr, "grad_norm": float(grad_norm),
+            rec = {"step": step, "loss": loss_v, "loss_avg": loss_sum / n_since, "ce": ce_v, "z": z_v, "lr": lr, "grad_norm": float(grad_norm),
                    "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
                    "tokens": sampler.position * T,
                    "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
@@ -293,7 +325,7 @@ def train(cfg: TrainConfig) -> dict:
                             tb.add_scalar(f"train/{k}", v, step)
             if "val_loss" in rec and bar is not None:
                 bar.write(f"step {step}: val loss {rec['val_loss']:.4f}")
-            t_log, tokens_since = time.perf_counter(), 0
+            t_log, tokens_since, loss_sum, n_since = time.perf_counter(), 0, 0.0, 0
         if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
             state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
                      "train_config": cfg.to_dict(), "model_config": config_to_dict(mcfg)}
@@ -309,7 +341,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _finish(cfg: TrainConfig, out: Path, model, mcfg, data_dir: Path, last: dict) -> dict:
     """Consolidated export, loss curve and a sample generation (rank 0)."""
-    summary = {"out": str(out), **{k: last.get(k) for k in ("step", "loss", "val_loss")}}
+    summary = {"out": str(out), **{k: last.get(k) for k in ("step", "loss", "loss_avg", "val_loss")}}
     need = cfg.export_hf or cfg.sample_tokens
     plain = ckpt.gather_full_model(model, mcfg) if need else None
     if world()[0] != 0:
@@ -319,87 +351,10 @@ def _finish(cfg: TrainConfig, out: Path, model, mcfg, data_dir: Path, last: dict
         ckpt.save_consolidated(plain, out / "hf", tok if tok.is_file() else None)
         summary["hf"] = str(out / "hf")
     if cfg.plot:
-        summary["plot"] = _plot(out / "metrics.jsonl", out / "loss.png", math.log(mcfg.vocab_size))
+        summary["plot"] = plot_losses(out / "metrics.jsonl", out / "loss.png", math.log(mcfg.vocab_size))
     if cfg.sample_tokens and tok.is_file():
-        summary["sample"] = _sample(plain, tok, cfg, out / "sample.txt")
-    log(f"done: step {summary['step']}, train loss {summary['loss']:.4f}"
-        + (f", val loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else "") + f"; {out}")
+        summary["sample"] = sample_text(plain, tok, cfg, out / "sample.txt")
+    if last:
+        log(f"done: step {last['step']}, train loss {last['loss_avg']:.4f} (mean of the last {cfg.log_every} steps)"
+            + (f", val loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "") + f"; {out}")
     return summary
-
-
-def _sample(model, tokenizer_path: Path, cfg: TrainConfig, path: Path) -> str:
-    from .data import load_tokenizer
-    from .generate import GenerationConfig, generate
-
-    sp = load_tokenizer(tokenizer_path)
-    gcfg = GenerationConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=40, top_p=0.95,
-                            repetition_penalty=1.0, eos_token_id=sp.eos_id())
-    prompt = sp.encode(cfg.sample_prompt) or [sp.bos_id()]
-    new = generate(model.eval(), [prompt], gcfg, generator=torch.Generator().manual_seed(cfg.seed))[0]
-    text = sp.decode(prompt + new)
-    path.write_text(text + "\n")
-    log(f"--- sample ({path}) ---\n{text}\n---")
-    return text
-
-
-def _plot(metrics: Path, png: Path, ln_v: float) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label="train loss")
-    val = [r for r in recs if r.get("val_loss") is not None]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", label="validation CE")
-    ax.axhline(ln_v, ls="--", c="gray", lw=0.8, label="ln V (uniform)")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title="minitrain")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return str(png)
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))
-
-
-class _progress:
-    """tqdm when installed (loss, tokens/s, lr; tqdm shows the ETA), else a plain line every log_every."""
-
-    def __init__(self, cfg: TrainConfig, start: int):
-        self.cfg, self.t0, self.start = cfg, time.perf_counter(), start
-        self.bar = None
-        if cfg.progress:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, step: int, loss: float, lr: float, tps: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", refresh=False)
-        elif self.cfg.progress and (step % self.cfg.log_every == 0 or step == self.cfg.max_steps):
-            el = time.perf_counter() - self.t0
-            eta = el / max(1, step - self.start) * (self.cfg.max_steps - step)
-            print(f"step {step}/{self.cfg.max_steps}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  "
-                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
-
-    def write(self, msg: str) -> None:
-        (self.bar.write if self.bar is not None else lambda m: print(m, file=sys.stderr, flush=True))(msg)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -9,7 +9,7 @@ Recipe defaults (BAICHUAN2_SPEC.md §11): AdamW β (0.9, 0.95), weight decay 0.1
 report exempts only norms — ``decay_embeddings=False`` changes that), grad-norm clip 0.5, max-z
 loss 2e-4, linear warm-up then cosine decay to ``min_lr_ratio`` × peak. The warm-up is 2,000 steps,
 scaled for short runs: ``min(2000, max(1, max_steps // 10))`` unless ``warmup_steps`` is set. Peak LR
-``lr`` defaults per preset: 2e-4 (7b), 1.5e-4 (13b), 2e-3 (tiny presets, which train for minutes).
+``lr`` defaults per preset: 2e-4 (7b), 1.5e-4 (13b), 3e-3 (tiny presets, which train for minutes).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Optional
 __all__ = ["TrainConfig", "add_arguments", "config_from_args", "load_config_file", "PEAK_LR"]
 
 PEAK_LR = {"7b": 2e-4, "13b": 1.5e-4}
-_TINY_LR = 2e-3
+_TINY_LR = 3e-3
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,15 @@ class TrainConfig:
     z_loss_weight: float = 2e-4
     # --- data
     data: Optional[str] = None  # directory with manifest.json (token shards); None: build from --corpus
-    corpus: str = "stdlib"  # embedded corpus: the running Python's standard-library source
+    corpus: str = "stdlib"  # "stdlib" (the running Python's Lib/*.py, no tests) or a text file / directory
     corpus_max_bytes: int = 3_000_000  # cap on the embedded corpus (speed)
     tokenizer: Optional[str] = None  # a SentencePiece .model (e.g. the official one); None: train one
     vocab_size: int = 4096  # of the trained tokenizer (the model's vocab follows the tokenizer)
     shard_tokens: int = 1 << 24  # tokens per shard file
     document_masking: bool = True  # segment ids → varlen attention; False: plain causal rows
     # --- optimisation
-    max_steps: int = 300
-    batch_size: int = 16  # sequences per optimizer step (global, over accumulation and ranks)
+    max_steps: int = 500
+    batch_size: int = 8  # sequences per optimizer step (global, over accumulation and ranks)
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: Optional[float] = None  # peak LR (None: PEAK_LR by preset)
     min_lr_ratio: float = 0.1
@@ -72,7 +72,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     export_hf: bool = True  # consolidated safetensors (HF layout) under OUT/hf at the end
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int = 100  # validation CE every N steps (0: only at the end)
     eval_batches: int = 8
     progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
@@ -103,8 +103,8 @@ class TrainConfig:
             raise ValueError(f"activation_checkpointing must be none|full|selective, got {self.activation_checkpointing!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto|fp32|bf16|fp16, got {self.dtype!r}")
-        if self.corpus != "stdlib":
-            raise ValueError(f"corpus must be 'stdlib' (or pass --data DIR), got {self.corpus!r}")
+        if self.corpus != "stdlib" and self.data is None and not os.path.exists(self.corpus):
+            raise FileNotFoundError(f"--corpus {self.corpus!r}: neither 'stdlib' nor an existing file or directory")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -251,3 +251,15 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(got, eager)
     for a, b in zip(got_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+def test_matches_xformers_with_materialised_alibi_bias():
+    pytest.importorskip("xformers.ops")
+    B, T, H, Dh = 2, 300, 8, 128
+    q, k, v = (make_tensor((B, T, H, Dh), torch.bfloat16, "cuda", seed=80 + i) for i in range(3))
+    slopes = alibi_slopes_ref(H).cuda()
+    ours = bk.attention(q, k, v, alibi_slopes=slopes)
+    theirs = attention_ops.attention_xformers(q, k, v, alibi_slopes=slopes)
+    exact = bk.attention(q.double(), k.double(), v.double(), alibi_slopes=slopes.double())
+    assert_within_reference_error(ours, theirs, exact, name="ours vs xformers (bf16)")

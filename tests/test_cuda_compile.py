@@ -39,7 +39,14 @@ def setup_std() -> str:
     text = (ROOT / "setup.py").read_text() if (ROOT / "setup.py").exists() else ""
     flags = re.search(r"nvcc_flags\s*=\s*\[([^\]]*)\]", text)
     std = re.search(r"-std=(c\+\+\d+)", flags.group(1)) if flags else None
-    return f"-std={std.group(1)}" if std else "-std=c++17"
+    if std:
+        return f"-std={std.group(1)}"
+    # setup.py leaves the standard to torch's cpp_extension (C++20 from torch 2.13, C++17 before).
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    return "-std=c++20" if "'-std=c++20'" in inspect.getsource(cpp_extension) else "-std=c++17"
 
 
 def nvcc_command(source: Path, out: Path) -> list[str]:

@@ -107,3 +107,17 @@ def test_sampler_is_deterministic_and_resumable():
     assert Sampler(10, seed=4).take(10) != first[:10]
     with pytest.raises(DataError, match="does not match"):
         Sampler(11, seed=3).load_state_dict(b.state_dict())
+
+
+def test_user_text_corpus(tmp_path):
+    from minitrain.data import text_documents
+
+    (tmp_path / "a.txt").write_text("first document\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("second " * 10)
+    (tmp_path / "skip.bin").write_bytes(b"\0\1")
+    assert text_documents(tmp_path, 10_000) == ["first document\n", "second " * 10]
+    assert text_documents(tmp_path, 20) == ["first document\n", "secon"]  # capped
+    assert text_documents(tmp_path / "a.txt", 100) == ["first document\n"]
+    with pytest.raises(DataError, match="does not exist"):
+        text_documents(tmp_path / "nope", 100)

@@ -56,7 +56,10 @@ def _check(device, backend, N, D, V, dtype, *, seed=0, chunk_size=None, grads_fr
     exact = _run(linear_cross_entropy_ref, h64, w64, y, tuple(g.double() for g in grads), **kw)
     for name, g, s, e in zip(("loss", "ce", "z", "dhidden", "dweight"), got, same, exact):
         assert g.shape == e.shape and g.dtype == s.dtype, name
-        assert_within_reference_error(g, s, e, name=f"{backend} {dtype} {name} {kw}")
+        # On the GPU the gradient GEMMs of 16-bit inputs read the grad-logits rounded to the input
+        # dtype (tensor cores); the reference keeps them in fp32. A documented, looser bound there.
+        loose = device == "cuda" and dtype != torch.float32 and name in ("dhidden", "dweight")
+        assert_within_reference_error(g, s, e, name=f"{backend} {dtype} {name} {kw}", factor=8.0 if loose else 2.0)
 
 
 # (reduction, norm_head, z_loss_weight): each value of each option at least twice.

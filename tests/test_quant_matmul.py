@@ -63,6 +63,17 @@ def test_baichuan_width(device, backend, bits, group_size, M):
     _check(x, qw, backend)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "triton" or p.values[0] == "cuda"])
+@pytest.mark.parametrize("bits,group_size,K", [(8, None, 1000), (4, 32, 1056), (4, 128, 640)])
+@pytest.mark.parametrize("M", [2, 5, 16])
+def test_k_chunks_and_tails(device, backend, bits, group_size, K, M):
+    # The CPU GEMV walks K in chunks (8192 / M floats, multiples of 128): partial last chunks, int8 tails.
+    qw = _qweight(33, K, bits, group_size, device, seed=9)
+    x = make_tensor((M, K), torch.float16, device, seed=10 + M)
+    _skip_unsupported(backend, x)
+    _check(x, qw, backend)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("bits,group_size,K", FORMATS[:2], ids=FORMAT_IDS[:2])
 def test_batched_and_non_contiguous_x(device, backend, bits, group_size, K):

@@ -13,7 +13,8 @@ block accumulating dq over its key blocks; both recompute P from q, k and the sa
 
 ``tl.dot`` operands are cast to the constexpr ``DOT_DTYPE``: the input dtype on a GPU (tensor cores:
 wgmma on sm_90, mma on sm_80), fp32 under the interpreter (whose bf16 dot is wrong). fp32 inputs use
-``input_precision="ieee"`` (no tf32).
+``input_precision="ieee"`` (no tf32). On a GPU the backward also rounds dS to the input dtype before
+its two matmuls (the usual flash-attention trade); the interpreter keeps it in fp32.
 
 Shapes: q, k, v, out, dout, dq, dk, dv: [total_T, H, Dh] contiguous; cu_seqlens int32 [S+1];
 alibi_slopes fp32 [H] or None; lse, delta: fp32 [H, total_T].
@@ -41,6 +42,11 @@ def dot_dtype(dtype: torch.dtype):
     return tl.float32 if TRITON_INTERPRET else _TL_DTYPES[dtype]
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products ("ieee", no tf32); 16-bit inputs: the default (tensor cores)."""
+    return "ieee" if dtype == torch.float32 or TRITON_INTERPRET else "tf32"
+
+
 def _configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
     return [interp] if TRITON_INTERPRET else gpu
 
@@ -52,7 +58,6 @@ _FWD_CONFIGS = _configs(
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
 )
@@ -61,7 +66,6 @@ _BWD_CONFIGS = _configs(
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
 )
@@ -70,19 +74,19 @@ _DQ_CONFIGS = _configs(
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     ],
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
 )
-_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_ALIBI", "MAX_SEQLEN_BUCKET"]
+# Tuned once per head dim and mask kind (the sequence length is left out: fewer compilations).
+_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_ALIBI"]
 
 
 @triton.jit
 def _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            DOT_DTYPE: tl.constexpr):
+            DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """log2-domain scores of a [BLOCK_M, D] query block against a [BLOCK_N, D] key block; -inf where
     the key is past the sequence or (causal) in the future."""
-    s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * qk_scale
+    s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
     if HAS_ALIBI:
         s += slope2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
     valid = offs_n[None, :] < L
@@ -107,6 +111,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -140,14 +145,14 @@ def _attn_fwd_kernel(
             kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
             k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
             v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE)
+            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             p_v = cast_to(p, V.dtype.element_ty).to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p_v, v.to(DOT_DTYPE), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p_v, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -195,6 +200,7 @@ def _attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -232,14 +238,14 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(DO + q_offs, mask=m_mask[:, None], other=0.0)
             lse2 = tl.load(LSE + stat_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_mask, other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE)
+            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION)
             p = tl.exp2(s - lse2[:, None])  # exact 0 where masked or past the sequence
             p = tl.where(m_mask[:, None], p, 0.0)
             p_r = cast_to(p, V.dtype.element_ty).to(DOT_DTYPE)
-            dv += tl.dot(tl.trans(p_r), do.to(DOT_DTYPE), input_precision="ieee")
-            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision="ieee")
+            dv += tl.dot(tl.trans(p_r), do.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q.to(DOT_DTYPE), input_precision="ieee")
+            dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         tl.store(DK + kv_offs, cast_to(dk * sm_scale, DK.dtype.element_ty), mask=n_mask[:, None])
         tl.store(DV + kv_offs, cast_to(dv, DV.dtype.element_ty), mask=n_mask[:, None])
 
@@ -261,6 +267,7 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -297,11 +304,11 @@ def _attn_bwd_dq_kernel(
             kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
             k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
             v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE)
+            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION)
             p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision="ieee")
+            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(DOT_DTYPE), k.to(DOT_DTYPE), input_precision="ieee")
+            dq += tl.dot(ds.to(DOT_DTYPE), k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         tl.store(DQ + q_offs, cast_to(dq * sm_scale, DQ.dtype.element_ty), mask=m_mask[:, None])
 
 
@@ -331,6 +338,7 @@ def attention_fwd(
         q, k, v, out, lse, cu_seqlens, alibi_slopes if alibi_slopes is not None else lse,
         softmax_scale * LOG2E, total_T, H, _bucket(max_seqlen),
         HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
 
@@ -352,7 +360,8 @@ def attention_bwd(
     block = 16 if TRITON_INTERPRET else 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(total_T, block), H)](out, dout, delta, total_T, H, HEAD_DIM=D, BLOCK=block)
     slopes = alibi_slopes if alibi_slopes is not None else lse
-    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype(q.dtype))
+    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype(q.dtype),
+                  DOT_PRECISION=dot_precision(q.dtype))
     grid_n = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), H, S)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_n](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, softmax_scale * LOG2E, softmax_scale,

@@ -41,16 +41,18 @@ inline void load_rows(const scalar_t* src, int64_t row0, int64_t n, int64_t h, i
   }
 }
 
-// x[j] = exp(x[j] - shift) for j < n, written for the vectoriser (std::exp is not vectorised without
-// -ffast-math): Cephes-style range reduction exp(v) = 2^k · exp(r), |r| <= ln2/2, degree-6 polynomial
-// (about 1 ulp); v < -87.33 (including -inf) gives exactly 0. Attention only needs v <= 0.
+// x[j] = exp(x[j] - shift) for j < n without libm calls: Cephes-style range reduction
+// exp(v) = 2^k · exp(r), |r| <= ln2/2, degree-6 polynomial (about 1 ulp); v <= -87.33 (including -inf)
+// gives exactly 0. Attention only needs v <= 0. (GCC 12 keeps this loop scalar under the default
+// -ftrapping-math: its float selects count as control flow; -fno-trapping-math would vectorise it.)
 inline void exp_shifted(float* x, int64_t n, float shift) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    float v = x[j] - shift;
-    const bool under = !(v >= -87.33f);  // also catches NaN-free -inf
-    v = std::min(std::max(v, -87.33f), 88.f);
-    const float k = std::floor(v * 1.44269504088896341f + 0.5f);
+    const float v0 = x[j] - shift;
+    float v = v0 > -87.33f ? v0 : -87.33f;  // also maps -inf
+    v = v < 88.f ? v : 88.f;
+    const std::int32_t ki = static_cast<std::int32_t>(v * 1.44269504088896341f + 128.5f) - 128;  // round(v·log2e)
+    const float k = static_cast<float>(ki);
     const float r = v - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -59,8 +61,8 @@ inline void exp_shifted(float* x, int64_t n, float shift) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float e = p * r * r + r + 1.f;
-    const std::int32_t bits = (static_cast<std::int32_t>(k) + 127) << 23;
-    x[j] = under ? 0.f : e * std::bit_cast<float>(bits);
+    const float y = e * std::bit_cast<float>((ki + 127) << 23);
+    x[j] = v0 > -87.33f ? y : 0.f;
   }
 }
 
@@ -75,22 +77,43 @@ inline void transpose_block(const float* src, int64_t n, int64_t Dh, float* dst)
     for (int64_t c = 0; c < Dh; ++c) dst[c * BLOCK_N + r] = src[r * Dh + c];
 }
 
+// C[m, n] += A[m, k] . B[k, n], all fp32 row-major (leading dims lda, ldb, ldc); n a multiple of 16.
+// A 4 x 16 register tile of C is accumulated over the whole k loop (the compiler keeps t[][] in
+// eight vector registers), so the inner loop is loads + FMAs with no store-to-load chains.
+inline void gemm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t m,
+                     int64_t n, int64_t k) {
+  constexpr int64_t TM = 4, TN = 16;
+  for (int64_t i0 = 0; i0 < m; i0 += TM) {
+    const int64_t rows = std::min(TM, m - i0);
+    const float* a[TM];
+    for (int64_t r = 0; r < TM; ++r) a[r] = A + std::min(i0 + r, m - 1) * lda;  // short tiles repeat a row
+    for (int64_t j0 = 0; j0 < n; j0 += TN) {
+      float t[TM][TN];
+      for (int64_t r = 0; r < TM; ++r)
+        for (int64_t c = 0; c < TN; ++c) t[r][c] = C[std::min(i0 + r, m - 1) * ldc + j0 + c];
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float* b = B + kk * ldb + j0;
+        for (int64_t r = 0; r < TM; ++r) {
+          const float ar = a[r][kk];
+#pragma omp simd
+          for (int64_t c = 0; c < TN; ++c) t[r][c] += ar * b[c];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < TN; ++c) C[(i0 + r) * ldc + j0 + c] = t[r][c];
+    }
+  }
+}
+
 // Scores of a [nm, Dh] query block against a key block given transposed, kT [Dh, BLOCK_N] (nn valid
 // columns): s[i, j] = <q_i, k_j> (q pre-scaled) + slope * (j - i) with positions (q0 + i, k0 + j);
-// -inf where masked. The inner loop runs over keys (vectorised, no horizontal sums).
+// -inf where masked. s is [nm, BLOCK_N]; columns >= nn are garbage and never read.
 inline void block_scores(const float* q, const float* kT, int64_t nm, int64_t nn, int64_t Dh, int64_t q0, int64_t k0,
                          float slope, bool causal, float* s) {
+  std::fill(s, s + nm * BLOCK_N, 0.f);
+  gemm_acc(q, Dh, kT, BLOCK_N, s, BLOCK_N, nm, BLOCK_N, Dh);
   for (int64_t i = 0; i < nm; ++i) {
-    const float* qi = q + i * Dh;
     float* si = s + i * BLOCK_N;
-#pragma omp simd
-    for (int64_t j = 0; j < BLOCK_N; ++j) si[j] = 0.f;
-    for (int64_t c = 0; c < Dh; ++c) {
-      const float qc = qi[c];
-      const float* kc = kT + c * BLOCK_N;
-#pragma omp simd
-      for (int64_t j = 0; j < BLOCK_N; ++j) si[j] += qc * kc[j];
-    }
     const int64_t qpos = q0 + i;
     if (slope != 0.f) {
 #pragma omp simd
@@ -150,7 +173,10 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           float* si = s.data() + i * BLOCK_N;
           float mx = m[i];
           for (int64_t j = 0; j < nn; ++j) mx = std::max(mx, si[j]);
-          if (mx == neg_inf) continue;  // nothing allowed in this block for this row
+          if (mx == neg_inf) {  // nothing allowed in this block for this row
+            std::fill(si, si + nn, 0.f);
+            continue;
+          }
           const float alpha = std::exp(m[i] - mx);  // 0 when m[i] was -inf
           exp_shifted(si, nn, mx);
           float rs = 0.f;
@@ -164,14 +190,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           float* ai = acc.data() + i * Dh;
 #pragma omp simd
           for (int64_t c = 0; c < Dh; ++c) ai[c] *= alpha;
-          for (int64_t j = 0; j < nn; ++j) {
-            const float p = si[j];
-            if (p == 0.f) continue;
-            const float* vj = vb.data() + j * Dh;
-#pragma omp simd
-            for (int64_t c = 0; c < Dh; ++c) ai[c] += p * vj[c];
-          }
         }
+        gemm_acc(s.data(), BLOCK_N, vb.data(), Dh, acc.data(), Dh, nm, Dh, nn);  // acc += P . V
       }
       for (int64_t i = 0; i < nm; ++i) {
         const int64_t row = it.start + it.m0 + i;
@@ -208,6 +228,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, kf, vf, dof, dqf, delta, dkb(BLOCK_N * Dh), dvb(BLOCK_N * Dh);
     std::vector<float> s(BLOCK_M * BLOCK_N), dp(BLOCK_M * BLOCK_N), kT(Dh * BLOCK_N, 0.f), vT(Dh * BLOCK_N, 0.f);
+    std::vector<float> pT(BLOCK_N * BLOCK_M), dsT(BLOCK_N * BLOCK_M);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t seq = w / H, h = w % H;
       const int64_t start = bounds[seq], len = bounds[seq + 1] - bounds[seq];
@@ -246,49 +267,23 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
           const float* qb = qf.data() + m0 * Dh;
           const float* dob = dof.data() + m0 * Dh;
           block_scores(qb, kT.data(), nm, nn, Dh, m0, n0, slope, causal, s.data());
+          std::fill(dp.begin(), dp.begin() + nm * BLOCK_N, 0.f);
+          gemm_acc(dob, Dh, vT.data(), BLOCK_N, dp.data(), BLOCK_N, nm, BLOCK_N, Dh);  // dP = dout . V^T
           for (int64_t i = 0; i < nm; ++i) {
             float* si = s.data() + i * BLOCK_N;
             float* dpi = dp.data() + i * BLOCK_N;
-            const float li = lrow[m0 + i];
-            const float* doi = dob + i * Dh;
-            // dP_i = dout_i . V^T (vectorised over keys)
-#pragma omp simd
-            for (int64_t j = 0; j < BLOCK_N; ++j) dpi[j] = 0.f;
-            for (int64_t c = 0; c < Dh; ++c) {
-              const float dc = doi[c];
-              const float* vc = vT.data() + c * BLOCK_N;
-#pragma omp simd
-              for (int64_t j = 0; j < BLOCK_N; ++j) dpi[j] += dc * vc[j];
-            }
-            exp_shifted(si, nn, li);  // exact 0 where masked
+            exp_shifted(si, nn, lrow[m0 + i]);  // P, exact 0 where masked
+            const float di = delta[m0 + i];
             for (int64_t j = 0; j < nn; ++j) {
               const float p = si[j];
-              if (p == 0.f) {
-                dpi[j] = 0.f;
-                continue;
-              }
-              dpi[j] = p * (dpi[j] - delta[m0 + i]);  // dS (before the scale)
-              // dv_j += round(p) * dout_i
-              const float pr = round_to<scalar_t>(p);
-              float* dvj = dvb.data() + j * Dh;
-#pragma omp simd
-              for (int64_t c = 0; c < Dh; ++c) dvj[c] += pr * doi[c];
-            }
-            // dq_i += dS_i . K ; dk_j += dS_ij * q_i (q pre-scaled: that carries the scale into dk)
-            float* dqi = dqf.data() + (m0 + i) * Dh;
-            const float* qi = qb + i * Dh;
-            for (int64_t j = 0; j < nn; ++j) {
-              const float ds = dpi[j];
-              if (ds == 0.f) continue;
-              const float* kj = kb + j * Dh;
-              float* dkj = dkb.data() + j * Dh;
-#pragma omp simd
-              for (int64_t c = 0; c < Dh; ++c) {
-                dqi[c] += ds * kj[c];
-                dkj[c] += ds * qi[c];
-              }
+              dpi[j] = p * (dpi[j] - di);  // dS (before the scale)
+              pT[j * BLOCK_M + i] = round_to<scalar_t>(p);
+              dsT[j * BLOCK_M + i] = dpi[j];
             }
           }
+          gemm_acc(pT.data(), BLOCK_M, dob, Dh, dvb.data(), Dh, nn, Dh, nm);  // dv += round(P)^T . dout
+          gemm_acc(dsT.data(), BLOCK_M, qb, Dh, dkb.data(), Dh, nn, Dh, nm);  // dk += dS^T . (scale q)
+          gemm_acc(dp.data(), BLOCK_N, kb, Dh, dqf.data() + m0 * Dh, Dh, nm, Dh, nn);  // dq += dS . K
         }
         for (int64_t j = 0; j < nn; ++j) {
           const int64_t row = start + n0 + j;

@@ -2,9 +2,11 @@
 //
 // Formats: csrc/common/quant_matmul_checks.h (semantics: baichuan_kernels/reference/quant_matmul.py).
 //
-// GEMV path (M <= 16, decode): rows of the packed weight are spread over threads (at::parallel_for);
-// each row is streamed once per tile of up to 4 x rows and dequantised in registers (AVX2 when the
-// build has it, a plain loop otherwise). x is converted to fp32 once per call (M x K, small).
+// GEMV path (M <= 16, decode): blocks of 16 rows of the packed weight are spread over threads
+// (at::parallel_for); int4 rows are walked in K chunks whose fp32 x slice of all M rows fits L1
+// (32 KiB; M = 1 at Baichuan widths: whole rows, streamed sequentially; int8: whole rows), and each
+// row chunk is dequantised in registers (AVX2 when the build has it, a plain loop otherwise) once per
+// tile of up to 4 x rows, accumulating in fp32. x is converted to fp32 once per call (M x K, small).
 //   bits = 8:  y[m, n] = scale[n] * sum_k q[n, k] x[m, k]                       (q exact in fp32)
 //   bits = 4:  y[m, n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[m, k] + zero[n, g] * xsum[m, g]
 //              with xsum[m, g] = sum_{k in g} x[m, k] computed once per call. The codes are consumed
@@ -33,8 +35,8 @@ namespace {
 
 constexpr int64_t kGemvMaxM = 16;  // M above this takes the dequantise + at::mm path
 constexpr int kTileM = 4;          // x rows served by one pass over a weight row
-constexpr int64_t kRowBlock = 32;  // weight rows per block of the GEMV (accumulators: 32 x 16 floats)
-constexpr int64_t kChunkK = 512;   // K chunk of the GEMV (a multiple of every group size and of 16)
+constexpr int64_t kRowBlock = 16;  // weight rows per block of the GEMV (accumulators: 16 x 16 floats)
+constexpr int64_t kChunkFloats = 8192;  // the fp32 x chunk of all M rows kept in L1 (32 KiB)
 
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
@@ -174,15 +176,18 @@ void quant_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& 
   const uint8_t* q4 = bits == 4 ? qdata.data_ptr<uint8_t>() : nullptr;
   const int8_t* q8 = bits == 8 ? qdata.data_ptr<int8_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
-  // Blocks of kRowBlock weight rows per task; K in chunks of kChunkK so that the x chunk of all M rows
-  // (<= 16 x 512 fp32 = 32 KiB) stays in L1 while the rows of the block stream past it.
+  // Blocks of kRowBlock weight rows per task; K in chunks so that the x chunk of all M rows (32 KiB
+  // fp32) stays in L1 while the rows of the block stream past it (M = 1: whole rows, sequential).
+  // A chunk is a multiple of 128: of every group size and of the 16-code vector step. int8 rows are
+  // walked whole (measured faster at M = 4 and 16 on a 2-core Zen 5: one sequential stream per row).
+  const int64_t chunk = bits == 8 ? K : std::max<int64_t>(128, kChunkFloats / M / 128 * 128);
   at::parallel_for(0, N, kRowBlock, [&](int64_t nb0, int64_t nb1) {
     float acc[kRowBlock * kGemvMaxM];
     for (int64_t n0 = nb0; n0 < nb1; n0 += kRowBlock) {
       const int64_t n1 = std::min(nb1, n0 + kRowBlock);
       std::fill(acc, acc + kRowBlock * kGemvMaxM, 0.f);
-      for (int64_t k0 = 0; k0 < K; k0 += kChunkK) {
-        const int64_t k1 = std::min(K, k0 + kChunkK);
+      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t k1 = std::min(K, k0 + chunk);
         for (int64_t n = n0; n < n1; ++n) {
           float* out_n = acc + (n - n0) * kGemvMaxM;
           for (int64_t m0 = 0; m0 < M; m0 += kTileM) {

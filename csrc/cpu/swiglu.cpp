@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -29,35 +30,69 @@ namespace {
 // when the build CPU has them): 8 lanes at a time, exp by Cody-Waite range reduction + a degree-6
 // polynomial (max relative error ~8e-8, i.e. ~1 ulp) and an exact division. GCC does not vectorise
 // std::exp (nor a hand-written polynomial with clamps: "control flow in loop"), hence intrinsics.
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 sigmoid8(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 big = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), g);  // exp(-g)
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.7f));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big);
+  const __m256 k = _mm256_sub_ps(t, big);                             // round(x / ln2)
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);    // x - k ln2 (hi part)
+  r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f), r);          //           (lo part)
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, one));  // e^r
+  // 2^k from the integer in t's low mantissa bits
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000)),
+                       _mm256_set1_epi32(127)),
+      23);
+  return _mm256_div_ps(one, _mm256_fmadd_ps(p, _mm256_castsi256_ps(e), one));
+}
+#endif
+
 void sigmoid_array(const float* g, float* sig, int64_t n) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.7f), one = _mm256_set1_ps(1.0f);
-  const __m256 big = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  for (; j + 8 <= n; j += 8) {
-    __m256 x = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(g + j));  // -g
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), big);
-    const __m256 k = _mm256_sub_ps(t, big);                             // round(x / ln2)
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);    // x - k ln2 (hi part)
-    r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f), r);          //           (lo part)
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, one));  // e^r
-    // 2^k from the integer in t's low mantissa bits
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000)),
-                         _mm256_set1_epi32(127)),
-        23);
-    const __m256 ex = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    _mm256_storeu_ps(sig + j, _mm256_div_ps(one, _mm256_add_ps(one, ex)));
-  }
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(sig + j, sigmoid8(_mm256_loadu_ps(g + j)));
 #endif
   for (; j < n; ++j) sig[j] = 1.0f / (1.0f + std::exp(-g[j]));
+}
+
+// fp32 rows in one register pass (no staging through L1 tiles).
+void swiglu_fwd_f32(const float* g, const float* u, float* y, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 <= n; j += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + j);
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(u + j)));
+  }
+#endif
+  for (; j < n; ++j) y[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+}
+
+void swiglu_bwd_f32(const float* d, const float* g, const float* u, float* dg, float* du, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 dv = _mm256_loadu_ps(d + j), gv = _mm256_loadu_ps(g + j);
+    const __m256 s = sigmoid8(gv), silu = _mm256_mul_ps(gv, s);
+    _mm256_storeu_ps(du + j, _mm256_mul_ps(dv, silu));
+    const __m256 dsilu = _mm256_fmadd_ps(silu, _mm256_sub_ps(one, s), s);  // s + silu (1 - s)
+    _mm256_storeu_ps(dg + j, _mm256_mul_ps(_mm256_mul_ps(dv, _mm256_loadu_ps(u + j)), dsilu));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float s = 1.0f / (1.0f + std::exp(-g[j])), silu = g[j] * s;
+    du[j] = d[j] * silu;
+    dg[j] = d[j] * u[j] * (s + silu * (1.0f - s));
+  }
 }
 
 // Columns per task: long rows are cut so that even N = 1 keeps every thread busy; each task walks
@@ -79,6 +114,10 @@ void swiglu_fwd_kernel(const at::Tensor& gate, const at::Tensor& up, at::Tensor&
       const T* g = gp + i * gs;
       const T* u = upp + i * us;
       T* yr = yp + i * F;
+      if constexpr (std::is_same_v<T, float>) {
+        swiglu_fwd_f32(g + j0, u + j0, yr + j0, j1 - j0);
+        continue;
+      }
       float gf[kTile], sig[kTile];
       for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
         const int64_t n = std::min(kTile, j1 - t0);
@@ -112,6 +151,10 @@ void swiglu_bwd_kernel(const at::Tensor& dy, const at::Tensor& gate, const at::T
       const T* u = upp + i * us;
       T* dg = dgp + i * dgs;
       T* du = dup_ + i * dus;
+      if constexpr (std::is_same_v<T, float>) {
+        swiglu_bwd_f32(d + j0, g + j0, u + j0, dg + j0, du + j0, j1 - j0);
+        continue;
+      }
       float gf[kTile], sig[kTile];
       for (int64_t t0 = j0; t0 < j1; t0 += kTile) {
         const int64_t n = std::min(kTile, j1 - t0);
