@@ -207,10 +207,11 @@ def _grads(hidden, weight, labels, rinv, lse, row_grad, norm_head, ignore_index,
             n, V, D, ignore_index, NORM_HEAD=norm_head, **cfg,
         )
         if native16:
+            # bf16/fp16 operands, fp32 results written in place (no [V, D] temporary per chunk)
             if grad_hidden:
-                dh[r0:r0 + n] = torch.mm(g, w_op, out_dtype=torch.float32)
+                torch.mm(g, w_op, out_dtype=torch.float32, out=dh[r0:r0 + n])
             if grad_weight:
-                dw.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
+                torch.addmm(dw, g.t(), h, out_dtype=torch.float32, out=dw)
         else:
             if grad_hidden:
                 torch.mm(g, w_op, out=dh[r0:r0 + n])
