@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .common import Context, Provider, Unsupported, run_cases
+from .common import Context, Provider, run_cases
 
 OP = "decode_attention"
 OUR_BACKENDS = ("cuda", "triton", "cpu")
@@ -48,7 +48,8 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         grid = [(1, 4096), (8, 2048), (32, 1024)] if quick else [(b, s) for b in (1, 8, 32) for s in (512, 1024, 4096)]
         return [Case(b, s, 40, 128, torch.bfloat16) for b, s in grid]
     grid = [(4, 1024)] if quick else [(1, 2048), (4, 1024), (8, 512)]
-    return [Case(b, s, 40, 128, dt) for b, s in grid for dt in ((torch.float32,) if quick else (torch.float32, torch.bfloat16))]
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    return [Case(b, s, 40, 128, dt) for b, s in grid for dt in dtypes]
 
 
 def traffic(case: Case) -> tuple[int, None]:

@@ -263,3 +263,14 @@ def test_matches_xformers_with_materialised_alibi_bias():
     theirs = attention_ops.attention_xformers(q, k, v, alibi_slopes=slopes)
     exact = bk.attention(q.double(), k.double(), v.double(), alibi_slopes=slopes.double())
     assert_within_reference_error(ours, theirs, exact, name="ours vs xformers (bf16)")
+
+
+def test_slopes_needing_grad_use_the_reference():
+    q = make_tensor((1, 6, 2, 16), torch.float32, seed=90, requires_grad=True)
+    slopes = alibi_slopes_ref(2).requires_grad_()
+    out = bk.attention(q, q, q, alibi_slopes=slopes)  # auto: the reference (slopes get a gradient)
+    out.sum().backward()
+    assert slopes.grad is not None
+    if "cpu" in bk.available_backends("attention"):
+        with pytest.raises(ValueError, match="alibi_slopes"):
+            bk.attention(q, q, q, alibi_slopes=slopes, backend="cpu")

@@ -100,20 +100,22 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _kernel_limits(q, k, v, **kwargs) -> Optional[str]:
+def _kernel_limits(q, k, v, alibi_slopes=None, **kwargs) -> Optional[str]:
     if q.dtype == torch.float64:
         return "float64 runs on the reference backend only"
+    if _needs_grad(alibi_slopes):
+        return "a gradient for alibi_slopes runs on the reference backend only (the kernels treat slopes as constants)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"the attention kernels support head dims Dh in {HEAD_DIMS}, got Dh = {q.shape[-1]}"
     return None
 
 
-def _cuda_limits(q, k, v, **kwargs) -> Optional[str]:
+def _cuda_limits(q, k, v, alibi_slopes=None, **kwargs) -> Optional[str]:
     if not _CUDA_FWD:
         return "this build has no CUDA kernel for baichuan::attention_fwd"
     if _needs_grad(q, k, v) and not _CUDA_BWD:
         return "a gradient is needed and this build has no CUDA kernel for baichuan::attention_bwd"
-    return _kernel_limits(q, k, v, **kwargs)
+    return _kernel_limits(q, k, v, alibi_slopes=alibi_slopes, **kwargs)
 
 
 registry.register(

@@ -43,20 +43,20 @@ if registry.TRITON_IMPORT_ERROR is None:
     _KERNELS[Backend.TRITON] = torch.ops.baichuan_triton.decode_attention_fwd.default
 
 
-def _kernel_limits(q, k_cache, v_cache, cache_seqlens, **kwargs) -> Optional[str]:
+def _kernel_limits(q, k_cache, v_cache, cache_seqlens, alibi_slopes=None, **kwargs) -> Optional[str]:
     if q.dtype == torch.float64:
         return "float64 runs on the reference backend only"
     if q.shape[-1] not in HEAD_DIMS:
         return f"the decode attention kernels support head dims Dh in {HEAD_DIMS}, got Dh = {q.shape[-1]}"
-    if _needs_grad(q, k_cache, v_cache):
+    if _needs_grad(q, k_cache, v_cache, alibi_slopes):
         return "the decode attention kernels have no backward (inputs require grad)"
     return None
 
 
-def _cuda_limits(q, k_cache, v_cache, cache_seqlens, **kwargs) -> Optional[str]:
+def _cuda_limits(q, k_cache, v_cache, cache_seqlens, alibi_slopes=None, **kwargs) -> Optional[str]:
     if not _CUDA_FWD:
         return "this build has no CUDA kernel for baichuan::decode_attention_fwd"
-    return _kernel_limits(q, k_cache, v_cache, cache_seqlens, **kwargs)
+    return _kernel_limits(q, k_cache, v_cache, cache_seqlens, alibi_slopes=alibi_slopes, **kwargs)
 
 
 registry.register(

@@ -83,16 +83,43 @@ _AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_ALIBI"]
 
 @triton.jit
 def _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
     """log2-domain scores of a [BLOCK_M, D] query block against a [BLOCK_N, D] key block; -inf where
-    the key is past the sequence or (causal) in the future."""
+    the key is past the sequence or (causal) in the future. ``MASKED=False``: the caller guarantees
+    that no key of the block is masked for any row (the mask is skipped)."""
     s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
     if HAS_ALIBI:
         s += slope2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
-    valid = offs_n[None, :] < L
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    return tl.where(valid, s, float("-inf"))
+    if MASKED:
+        valid = offs_n[None, :] < L
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K, V, base, row_stride, offs_d, offs_m, offs_n, L, qk_scale, slope2,
+               CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               MASKED: tl.constexpr):
+    """One key block of the forward's online softmax; returns the updated (acc, l_i, m_i)."""
+    kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
+    if MASKED:
+        n_mask = offs_n < L
+        k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
+    else:
+        k = tl.load(K + kv_offs)
+        v = tl.load(V + kv_offs)
+    s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION, MASKED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p_v = cast_to(p, V.dtype.element_ty).to(DOT_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p_v, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
@@ -128,32 +155,29 @@ def _attn_fwd_kernel(
         row_stride = H * HEAD_DIM
         base = start.to(tl.int64) * row_stride + h * HEAD_DIM
         m_mask = offs_m < L
-        q = tl.load(Q + base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :], mask=m_mask[:, None], other=0.0)
+        q_offs = base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :]
+        q = tl.load(Q + q_offs, mask=m_mask[:, None], other=0.0)
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # Key blocks below full_hi are unmasked for every row of this block (inside the sequence and,
+        # causal, at or before the first query); the rest (diagonal / sequence end) apply the mask.
+        # Causal programs stop at their diagonal block.
         if CAUSAL:
             hi = tl.minimum(L, m0 + BLOCK_M)
+            full_hi = (tl.minimum(m0 + 1, L) // BLOCK_N) * BLOCK_N
         else:
             hi = L
-        for n0 in range(0, hi, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_mask = offs_n < L
-            kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-            k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
-            v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p_v = cast_to(p, V.dtype.element_ty).to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p_v, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-            m_i = m_new
+            full_hi = (L // BLOCK_N) * BLOCK_N
+        for n0 in range(0, full_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, base, row_stride, offs_d, offs_m, n0 + offs_n0, L,
+                                       qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION, False)
+        for n0 in range(full_hi, hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, base, row_stride, offs_d, offs_m, n0 + offs_n0, L,
+                                       qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION, True)
         has = l_i > 0.0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         tl.store(O + base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :],
