@@ -150,12 +150,15 @@ def test_float64_and_odd_head_dim_use_the_reference():
 
 
 def test_cuda_backend_refuses_without_its_kernels(monkeypatch):
-    q = torch.randn(1, 4, 2, 16, requires_grad=True)
+    q = torch.randn(1, 4, 2, 64, dtype=torch.bfloat16, requires_grad=True)
     monkeypatch.setattr(attention_ops, "_CUDA_FWD", True)
     monkeypatch.setattr(attention_ops, "_CUDA_BWD", False)
     assert "attention_bwd" in attention_ops._cuda_limits(q, q, q)
     with torch.no_grad():
         assert attention_ops._cuda_limits(q, q, q) is None
+        assert "fp16/bf16" in attention_ops._cuda_limits(q.float(), q.float(), q.float())
+        q32 = q[..., :32]
+        assert "Dh" in attention_ops._cuda_limits(q32, q32, q32)
     monkeypatch.setattr(attention_ops, "_CUDA_FWD", False)
     assert "attention_fwd" in attention_ops._cuda_limits(q.detach(), q.detach(), q.detach())
 

@@ -35,6 +35,7 @@ __all__ = ["attention", "attention_xformers"]
 
 SLOPE_DTYPES = (torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)  # supported by every attention kernel (csrc/common/attention_checks.h)
+CUDA_HEAD_DIMS = (64, 128)  # csrc/cuda/attention.cu and decode_attention.cu
 
 # Kernel ops per backend: (forward op, backward op).
 _KERNELS: dict[Backend, tuple] = {}
@@ -115,6 +116,10 @@ def _cuda_limits(q, k, v, alibi_slopes=None, **kwargs) -> Optional[str]:
         return "this build has no CUDA kernel for baichuan::attention_fwd"
     if _needs_grad(q, k, v) and not _CUDA_BWD:
         return "a gradient is needed and this build has no CUDA kernel for baichuan::attention_bwd"
+    if q.dtype == torch.float32:
+        return "the CUDA tensor-core forward takes fp16/bf16 only (fp32 stays fp32-accurate on Triton / CPU)"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"the CUDA attention kernel supports Dh in {CUDA_HEAD_DIMS}, got Dh = {q.shape[-1]}"
     return _kernel_limits(q, k, v, alibi_slopes=alibi_slopes, **kwargs)
 
 

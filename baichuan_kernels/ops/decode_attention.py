@@ -18,7 +18,7 @@ from .. import _extension, registry
 from .._validation import FLOAT_DTYPES_F64, check_same_device, check_same_dtype, check_shape, check_tensor
 from ..reference.decode_attention import decode_attention_ref
 from ..registry import Backend, Impl
-from .attention import HEAD_DIMS, _has_cuda_kernel, _needs_grad, check_alibi_slopes, check_softmax_scale
+from .attention import CUDA_HEAD_DIMS, HEAD_DIMS, _has_cuda_kernel, _needs_grad, check_alibi_slopes, check_softmax_scale
 
 __all__ = ["decode_attention"]
 
@@ -56,6 +56,8 @@ def _kernel_limits(q, k_cache, v_cache, cache_seqlens, alibi_slopes=None, **kwar
 def _cuda_limits(q, k_cache, v_cache, cache_seqlens, alibi_slopes=None, **kwargs) -> Optional[str]:
     if not _CUDA_FWD:
         return "this build has no CUDA kernel for baichuan::decode_attention_fwd"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"the CUDA decode kernel supports Dh in {CUDA_HEAD_DIMS}, got Dh = {q.shape[-1]}"
     return _kernel_limits(q, k_cache, v_cache, cache_seqlens, alibi_slopes=alibi_slopes, **kwargs)
 
 
