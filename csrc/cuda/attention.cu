@@ -5,7 +5,7 @@
 // Semantics: baichuan_kernels/reference/attention.py. q, k, v, out: packed [total_T, H, Dh], contiguous;
 // cu_seqlens int32 [S+1] on the device (sequence s = rows cu[s] .. cu[s+1]-1, positions from 0);
 // alibi_slopes fp32 [H] or None; lse fp32 [H, total_T] = natural-log logsumexp of the scaled + biased
-// scores of each query row (-inf, with zero output, for a row with no allowed key).
+// scores of each query row (+inf, with zero output, for a row with no allowed key, as on CPU and Triton).
 //   s(i, j) = softmax_scale * <q_i, k_j> + slope_h * (j - i)   (fp32), masked to -inf where j > i (causal)
 //
 // SUPPORTED: fp16 and bf16 inputs, head dim Dh = 64 or 128. fp32 inputs are REFUSED with a TORCH_CHECK
@@ -291,7 +291,7 @@ attention_fwd_kernel(const uint16_t* __restrict__ q,      // [total_T, H, DH]
       inv[hf] = l > 0.0f ? 1.0f / l : 0.0f;
       if (c == 0 && i < len)
         lse[static_cast<int64_t>(h) * total_T + start + i] =
-            l > 0.0f ? (m_run[2 * mt + hf] + log2f(l)) * kLn2 : -INFINITY;
+            l > 0.0f ? (m_run[2 * mt + hf] + log2f(l)) * kLn2 : INFINITY;  // +inf like the CPU/Triton kernels: exp(s - lse) = 0 in a backward
     }
 #pragma unroll
     for (int t = 0; t < kDT; ++t) {
