@@ -7,7 +7,7 @@ build machine without a GPU. Environment honoured:
   TORCH_CUDA_ARCH_LIST   CUDA archs; default "8.0;9.0a" when it is unset and no GPU can be queried
   CUDA_HOME              CUDA toolkit; default: found from `nvcc` on PATH or /usr/local/cuda
   BAICHUAN_NO_CUDA=1     build the CPU kernels only
-  BAICHUAN_NO_NATIVE=1   don't add -mavx2 -mfma for the CPU kernels even if the build CPU has them
+  BAICHUAN_NO_NATIVE=1   don't add -mavx2 -mfma -mf16c for the CPU kernels even if the build CPU has them
 
 Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
 """
@@ -56,7 +56,7 @@ def cpu_supports_avx2_fma() -> bool:
             flags = f.read()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def extension_modules():
@@ -70,7 +70,7 @@ def extension_modules():
     defines = [f'-DBAICHUAN_VERSION="{read_version()}"']
     cxx = ["-O3", "-fopenmp", "-Wno-unused-function"] + defines
     if cpu_supports_avx2_fma():
-        cxx += ["-mavx2", "-mfma"]
+        cxx += ["-mavx2", "-mfma", "-mf16c"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     if not with_cuda:

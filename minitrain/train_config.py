@@ -45,7 +45,7 @@ class TrainConfig:
     document_masking: bool = True  # segment ids → varlen attention; False: plain causal rows
     # --- optimisation
     max_steps: int = 500
-    batch_size: int = 8  # sequences per optimizer step (global, over accumulation and ranks)
+    batch_size: int = 16  # sequences per optimizer step (global, over accumulation and ranks)
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: Optional[float] = None  # peak LR (None: PEAK_LR by preset)
     min_lr_ratio: float = 0.1
@@ -63,7 +63,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full (every layer) | selective (every ac_every-th)
     ac_every: int = 2
     compile: bool = False  # torch.compile each decoder layer
-    num_threads: Optional[int] = None  # torch CPU threads
+    num_threads: Optional[int] = None  # torch CPU threads (None: torch's default; 1 is faster on a busy machine)
     # --- output
     out: str = "runs/minitrain"
     resume: bool = False  # continue from OUT/checkpoints/latest

@@ -3,6 +3,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+// AT_DISPATCH over exactly the kernels' dtypes (fp32 / fp16 / bf16): no unused double instantiations.
+#define BAICHUAN_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace baichuan {
 

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+
+#include "common/checks.h"
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -178,8 +180,4 @@ sum_rows_kernel(const float* __restrict__ partial,  // [P, D]
 // Dtype dispatch over exactly the three dtypes the ops accept (the checks reject the others).
 // AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, ...) would also instantiate every kernel for
 // double, which no op accepts: a third more device code and compile time for nothing.
-#define BAICHUAN_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)    \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                              \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// BAICHUAN_DISPATCH_FLOAT_HALF_BF16 lives in common/checks.h (shared with the CPU kernels).

@@ -1,10 +1,11 @@
 // RMSNorm (+ fused residual add) on the CPU: forward and backward, fp32/fp16/bf16, fp32 accumulation.
 //
 // Rows are spread over threads with at::parallel_for; each row is one pass of loads whose inner loops
-// are written for the compiler's vectoriser (`#pragma omp simd`, -O3 -mavx2 -mfma when the build CPU
-// has them). dweight is reduced deterministically: rows are cut into a number of blocks that depends
-// only on N (never on the thread count), each block writes its own fp32 partial row, and the partials
-// are summed in block order.
+// are written for the compiler's vectoriser (`#pragma omp simd`, -O3 -mavx2 -mfma -mf16c when the build
+// CPU has them); bf16/fp16 rows are converted to fp32 scratch rows once (common/cpu_convert.h).
+// dweight is reduced deterministically: rows are cut into a number of blocks that depends only on N
+// (never on the thread count), each block writes its own fp32 partial row, and the partials are summed
+// in block order.
 //
 // Shapes: x, residual, y, residual_out, dy, dx: [N, D]; weight, dweight: [D]; rstd: fp32 [N].
 #include <ATen/ATen.h>
@@ -13,42 +14,51 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_convert.h"
 
 namespace baichuan {
 namespace {
 
-// Forward of one row. `s_row` (float scratch, length D) receives the normalised input in fp32.
+// Per-thread fp32 scratch rows (length D each).
+struct Scratch {
+  std::vector<float> a, b, w;
+  explicit Scratch(int64_t D) : a(D), b(D), w(D) {}
+};
+
+// Forward of one row: the row is converted to fp32 once (vectorised), normalised, converted back.
 template <typename scalar_t>
-void rms_norm_fwd_row(const scalar_t* x, const scalar_t* residual, const scalar_t* weight, scalar_t* y,
-                      scalar_t* residual_out, float* rstd, float* s_row, int64_t D, float eps) {
-  float sumsq = 0.f;
+void rms_norm_fwd_row(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar_t* residual_out, float* rstd,
+                      Scratch& t, int64_t D, float eps) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  float* s = t.a.data();
+  float* tmp = t.b.data();
+  const float* w = t.w.data();
+  if constexpr (kFloat) {
+    if (residual == nullptr) s = const_cast<float*>(x);  // read in place: fp32 needs no conversion
+  }
+  if (s != static_cast<const void*>(x)) load_row_f32(x, s, D);
   if (residual != nullptr) {
     // s = x + residual, rounded to the storage dtype: the value later layers (and the backward) see.
-#pragma omp simd reduction(+ : sumsq)
-    for (int64_t j = 0; j < D; ++j) {
-      const scalar_t s = static_cast<scalar_t>(static_cast<float>(x[j]) + static_cast<float>(residual[j]));
-      residual_out[j] = s;
-      const float sf = static_cast<float>(s);
-      s_row[j] = sf;
-      sumsq += sf * sf;
-    }
-  } else {
-#pragma omp simd reduction(+ : sumsq)
-    for (int64_t j = 0; j < D; ++j) {
-      const float sf = static_cast<float>(x[j]);
-      s_row[j] = sf;
-      sumsq += sf * sf;
-    }
-  }
-  const float r = 1.f / std::sqrt(sumsq / static_cast<float>(D) + eps);
-  *rstd = r;
+    load_row_f32(residual, tmp, D);
 #pragma omp simd
-  for (int64_t j = 0; j < D; ++j) {
-    y[j] = static_cast<scalar_t>(s_row[j] * r * static_cast<float>(weight[j]));
+    for (int64_t j = 0; j < D; ++j) s[j] += tmp[j];
+    store_row(s, residual_out, D);
+    load_row_f32(residual_out, s, D);
   }
+  double sumsq = 0.0;  // fp64 lanes: as accurate as torch's pairwise fp32 sum whatever the vectoriser does
+#pragma omp simd reduction(+ : sumsq)
+  for (int64_t j = 0; j < D; ++j) sumsq += static_cast<double>(s[j]) * s[j];
+  const float r = static_cast<float>(1.0 / std::sqrt(sumsq / static_cast<double>(D) + eps));
+  *rstd = r;
+  float* out = tmp;
+  if constexpr (kFloat) out = y;  // write in place
+#pragma omp simd
+  for (int64_t j = 0; j < D; ++j) out[j] = s[j] * r * w[j];
+  if constexpr (!kFloat) store_row(tmp, y, D);
 }
 
 template <typename scalar_t>
@@ -63,10 +73,11 @@ void rms_norm_fwd_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& r
   float* rsp = rstd.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_row(D);
+    Scratch t(D);
+    load_row_f32(wp, t.w.data(), D);
     for (int64_t i = begin; i < end; ++i) {
-      rms_norm_fwd_row<scalar_t>(xp + i * D, rp ? rp + i * D : nullptr, wp, yp + i * D, sp ? sp + i * D : nullptr,
-                                 rsp + i, s_row.data(), D, eps);
+      rms_norm_fwd_row<scalar_t>(xp + i * D, rp ? rp + i * D : nullptr, yp + i * D, sp ? sp + i * D : nullptr,
+                                 rsp + i, t, D, eps);
     }
   });
 }
@@ -88,39 +99,41 @@ void rms_norm_bwd_kernel(const at::Tensor& dy, const c10::optional<at::Tensor>& 
   const float* rsp = rstd.data_ptr<float>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   float* pp = partial.data_ptr<float>();
-  const float inv_d = 1.f / static_cast<float>(D);
+  const double inv_d = 1.0 / static_cast<double>(D);
 
   at::parallel_for(0, num_blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<float> g(D), xhat(D);
+    Scratch t(D);
+    std::vector<float> dres(drp != nullptr ? D : 0);
+    float* g = t.a.data();     // dy, then dy · w
+    float* xhat = t.b.data();  // s · r
+    const float* w = t.w.data();
+    load_row_f32(wp, t.w.data(), D);
     for (int64_t b = b_begin; b < b_end; ++b) {
       float* dw = pp + b * D;
       for (int64_t j = 0; j < D; ++j) dw[j] = 0.f;
       for (int64_t i = b * block; i < std::min(N, (b + 1) * block); ++i) {
-        const scalar_t* dyr = dyp + i * D;
-        const scalar_t* sr = sp + i * D;
         const float r = rsp[i];
-        float dot = 0.f;  // Σ_j g_j · xhat_j
+        load_row_f32(dyp + i * D, g, D);
+        load_row_f32(sp + i * D, xhat, D);
+        double dot = 0.0;  // Σ_j g_j · xhat_j, fp64 lanes
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < D; ++j) {
-          const float dyj = static_cast<float>(dyr[j]);
-          const float xh = static_cast<float>(sr[j]) * r;
-          const float gj = dyj * static_cast<float>(wp[j]);
+          const float xh = xhat[j] * r;
           xhat[j] = xh;
-          g[j] = gj;
-          dw[j] += dyj * xh;
-          dot += gj * xh;
+          dw[j] += g[j] * xh;
+          g[j] *= w[j];
+          dot += static_cast<double>(g[j]) * xh;
         }
-        const float mean_dot = dot * inv_d;
-        scalar_t* dxr = dxp + i * D;
+        const float mean_dot = static_cast<float>(dot * inv_d);
         if (drp != nullptr) {
-          const scalar_t* drr = drp + i * D;
+          load_row_f32(drp + i * D, dres.data(), D);
 #pragma omp simd
-          for (int64_t j = 0; j < D; ++j)
-            dxr[j] = static_cast<scalar_t>(r * (g[j] - xhat[j] * mean_dot) + static_cast<float>(drr[j]));
+          for (int64_t j = 0; j < D; ++j) g[j] = r * (g[j] - xhat[j] * mean_dot) + dres[j];
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < D; ++j) dxr[j] = static_cast<scalar_t>(r * (g[j] - xhat[j] * mean_dot));
+          for (int64_t j = 0; j < D; ++j) g[j] = r * (g[j] - xhat[j] * mean_dot);
         }
+        store_row(g, dxp + i * D, D);
       }
     }
   });
@@ -149,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor
   at::Tensor y = at::empty_like(x);
   at::Tensor residual_out = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_fwd_cpu", [&] {
+  BAICHUAN_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "rms_norm_fwd_cpu", [&] {
     rms_norm_fwd_kernel<scalar_t>(x, residual, weight, y, residual_out, rstd, static_cast<float>(eps));
   });
   return {y, residual_out, rstd};
@@ -163,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy,
   TORCH_CHECK(s.device().is_cpu(), "x must be a CPU tensor for the CPU kernel, got ", s.device());
   at::Tensor dx = at::empty_like(s);
   at::Tensor dweight = at::empty_like(weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rms_norm_bwd_cpu", [&] {
+  BAICHUAN_DISPATCH_FLOAT_HALF_BF16(s.scalar_type(), "rms_norm_bwd_cpu", [&] {
     rms_norm_bwd_kernel<scalar_t>(dy, dresidual_out, s, weight, rstd, dx, dweight);
   });
   return {dx, dweight};
