@@ -1,4 +1,4 @@
-# One-command set-up on a fresh CPU machine: `make bench` (the main job) and `make test`.
+# One-command set-up on a fresh CPU machine: `make train` (the main job), `make test`, `make bench`.
 # Creates $(VENV), installs the pinned CPU torch + triton, builds baichuan_kernels._C, then runs.
 # On a machine that already has a (CUDA) torch: VENV_FLAGS=--system-site-packages TORCH_SPEC= make test
 PYTHON ?= python3
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.baichuan-installed
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?= -q
 
-.PHONY: setup test bench clean
+.PHONY: setup train test bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark \
-		ninja pybind11 setuptools wheel matplotlib safetensors
+		ninja pybind11 setuptools wheel matplotlib safetensors sentencepiece tqdm
 	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import baichuan_kernels as bk; print(bk.build_info()['cuda'], bk.available_backends('rms_norm'))"
 	touch $(STAMP)
@@ -27,8 +27,13 @@ $(STAMP): $(SOURCES)
 test: setup
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# The embedded default job: stdlib corpus -> SentencePiece BPE -> tiny-rope on the CPU (a few minutes)
+# -> runs/minitrain/{metrics.jsonl, loss.png, sample.txt, checkpoints, hf/}.
+train: setup
+	$(BIN)/python -m minitrain train $(TRAIN_ARGS)
+
 bench: setup
 	$(BIN)/python -m benchmarks --device cpu --out bench_out
 
 clean:
-	rm -rf build *.egg-info baichuan_kernels/_C*.so bench_out
+	rm -rf build *.egg-info baichuan_kernels/_C*.so bench_out runs

@@ -12,7 +12,7 @@
 #
 # Python wheels the image lacks (liger-kernel, ...) travel in .whl/*.whl and are installed with
 # --no-index --no-deps into /tmp/site (PYTHONPATH). Limits in seconds are overridable:
-# BUILD_TIMEOUT (150), TEST_TIMEOUT (100), BENCH_TIMEOUT (180), MODEL_TIMEOUT (50): 480 s at most. PYTHON picks the interpreter (python3).
+# BUILD_TIMEOUT (150), TEST_TIMEOUT (100), BENCH_TIMEOUT (150), MODEL_TIMEOUT (80): 480 s at most. PYTHON picks the interpreter (python3).
 # Where the tree was copied without .git, name the commit for the metadata: BENCH_GIT_SHA=<sha>.
 # Dry run of the non-GPU parts on a CPU machine:
 #   SKIP="build tests" BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/g
@@ -104,14 +104,14 @@ print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"c
 
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
     # Ops in order of priority: a time-out keeps the results of the ops already measured.
-    run_step "benchmarks" "${BENCH_TIMEOUT:-180}" - \
+    run_step "benchmarks" "${BENCH_TIMEOUT:-150}" - \
         "$PY" -m benchmarks ${BENCH_ARGS:---device cuda rms_norm swiglu rope attention decode_attention linear_ce quant_matmul} \
         --out "$OUT_DIR/bench" --name auto --one-plot
 
     # A 7B training step (fp32 master weights + AdamW, bf16 autocast) at seq 4096; 8 of 32 layers fit
     # one GPU with the optimizer state (the full model needs ~120 GB of it). Prints tokens/s and MFU.
-    run_step "bench-model 7b (8 layers, seq 4096)" "${MODEL_TIMEOUT:-50}" - \
-        "$PY" -m minitrain bench-model --preset 7b --layers 8 --seq 4096 --batch 1 --steps 4
+    run_step "bench-model 7b (8 layers, seq 4096)" "${MODEL_TIMEOUT:-80}" - \
+        "$PY" -m minitrain bench-model --preset 7b --layers 8 --seq 4096 --batch 1 --steps 2
 
     echo
     echo "=== steps (total $((SECONDS - t_start))s) ==="

@@ -61,7 +61,9 @@ def test_fsdp2_gloo_two_ranks_equal_one_process(tmp_path):
     from safetensors.torch import load_file  # the consolidated export gathers the shards
 
     wa, wb = load_file(str(tmp_path / "one/hf/model.safetensors")), load_file(str(two / "hf/model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # summation order differs (sharded grad norm): Adam can move a weight whose gradient is ~0 by up
+    # to ~lr differently, so weights are compared loosely; the losses above are the contract
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=3e-4) for k in wa)
     # the sharded checkpoint (2 DCP files) resumes on 2 ranks: steps 3-4 again from step 2's state
     ck = two / "checkpoints"
     assert len(list((ck / "step_000002").glob("*.distcp"))) == 2
