@@ -25,6 +25,9 @@ _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat1
            "fp16": "float16", "float16": "float16", "fp64": "float64", "float64": "float64"}
 
 
+_BITS = (4, 8)  # quantize / generate --bits
+
+
 def _dtype(name):
     import torch
 
@@ -33,7 +36,8 @@ def _dtype(name):
 
 @command("generate", "generate text from an HF Baichuan 2 directory or a minitrain model file")
 def _generate(p: argparse.ArgumentParser):
-    p.add_argument("model", help="HF-format directory (config.json + weights) or a minitrain .pt model file")
+    p.add_argument("model", help="HF-format directory (config.json + weights), a minitrain .pt model file or a "
+                                 "quantized model file (from `quantize`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="prompt as token ids, e.g. '1 195 9381 196'")
     src.add_argument("--prompt", help="prompt text (needs --tokenizer)")
@@ -49,6 +53,8 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: the checkpoint's dtype")
     p.add_argument("--backend", default=None, help="kernel backend for every op (default: the config's, 'auto')")
+    p.add_argument("--bits", type=int, choices=_BITS, help="quantize the projections on load (weight-only int4/int8)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size with --bits 4 (32, 64 or 128)")
 
     def run(args) -> int:
         import os
@@ -57,8 +63,22 @@ def _generate(p: argparse.ArgumentParser):
 
         from .generate import GenerationConfig, generate
         from .hf import load_model
+        from .quantized import is_quantized_file, load_quantized_model, quantize
 
-        model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+        if is_quantized_file(args.model):
+            if args.bits is not None:
+                print(f"error: {args.model} is already quantized; drop --bits", file=sys.stderr)
+                return 2
+            model = load_quantized_model(args.model, dtype=_dtype(args.dtype), device=args.device,
+                                         backend=args.backend)
+        else:
+            model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+            if args.bits is not None:
+                try:
+                    quantize(model, args.bits, args.group_size)
+                except ValueError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
         sp = None
         if args.prompt is not None:
             tok = args.tokenizer or os.path.join(args.model, "tokenizer.model")
@@ -115,6 +135,33 @@ def _convert(p: argparse.ArgumentParser):
         else:
             save_checkpoint(model, args.dst)
         print(f"wrote {to} checkpoint {args.dst} ({model.num_parameters():,} parameters)")
+        return 0
+
+    return run
+
+
+@command("quantize", "quantize a model's projections (weight-only int4/int8) into one quantized model file")
+def _quantize(p: argparse.ArgumentParser):
+    p.add_argument("src", help="HF directory or minitrain .pt model file")
+    p.add_argument("out", help="output quantized model file (safetensors + metadata; e.g. model-int4.safetensors)")
+    p.add_argument("--bits", type=int, required=True, choices=_BITS, help="4: int4 groups along K; 8: int8 per channel")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128; ignored for 8 bits)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the unquantized tensors (default: the source's)")
+    p.add_argument("--device", default="cpu", help="where to quantize (e.g. cuda; the file is written from CPU)")
+
+    def run(args) -> int:
+        from .hf import load_model
+        from .quantized import quantize, save_quantized_model
+
+        model = load_model(args.src, dtype=_dtype(args.dtype), device=args.device)
+        try:
+            quantize(model, args.bits, args.group_size)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        save_quantized_model(model, args.out)
+        gs = f", group size {args.group_size}" if args.bits == 4 else ""
+        print(f"wrote {args.bits}-bit quantized model {args.out} ({args.bits}-bit projections{gs})")
         return 0
 
     return run

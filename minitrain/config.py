@@ -79,10 +79,11 @@ PRESETS: dict[str, Baichuan2Config] = {
                           num_heads=32, pos_emb="rope"),
     "13b": Baichuan2Config(vocab_size=125_696, hidden_size=5120, intermediate_size=13_696, num_layers=40,
                            num_heads=40, pos_emb="alibi"),
-    # Small models that train on a 2-core CPU in minutes (head_dim 64, FFN = 8/3·D rounded up to 16).
-    "tiny-rope": Baichuan2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
+    # Small models that train on a 2-core CPU in minutes (head_dim 64; FFN = 8/3·D rounded up to a
+    # multiple of 128, Baichuan's rule, which also keeps every width divisible by the int4 group sizes).
+    "tiny-rope": Baichuan2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
                                  num_heads=4, pos_emb="rope", max_position_embeddings=256, seq_len=256),
-    "tiny-alibi": Baichuan2Config(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
+    "tiny-alibi": Baichuan2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
                                   num_heads=4, pos_emb="alibi", max_position_embeddings=256, seq_len=256),
 }
 
