@@ -58,11 +58,16 @@ def _speedup(ours: dict, other: Optional[dict], label: bool = False) -> str:
     return f"{text} ({other['provider']})" if label else text
 
 
+# FLOP per byte above which an op is reported in TFLOP/s (attention, linear CE) rather than GB/s.
+COMPUTE_BOUND_INTENSITY = 16
+
+
 def _rate(r: dict) -> tuple[str, str]:
     """Throughput and its share of the peak measured in the same run: GB/s of the copy bandwidth
     for memory-bound ops, TFLOP/s of the bf16 matmul for the others."""
-    num = lambda v: f"{v:.0f}" if v >= 100 else f"{v:.1f}"
-    if r.get("gbps"):
+    num = lambda v: f"{v:.0f}" if v >= 100 else f"{v:.2g}" if v < 1 else f"{v:.1f}"
+    compute_bound = r.get("tflops") and r.get("bytes") and r.get("flops", 0) / r["bytes"] >= COMPUTE_BOUND_INTENSITY
+    if r.get("gbps") and not compute_bound:
         return f"{num(r['gbps'])} GB/s", f"{r['pct_copy_bw']:.0f}% copy"
     if r.get("tflops"):
         pct = r.get("pct_peak_tflops")

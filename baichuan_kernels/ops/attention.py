@@ -29,6 +29,7 @@ from .._validation import (
 )
 from ..reference.attention import attention_ref
 from ..registry import Backend, Impl
+from ._kernels import register_kernels
 from .rope import _check_int
 
 __all__ = ["attention", "attention_xformers"]
@@ -36,9 +37,6 @@ __all__ = ["attention", "attention_xformers"]
 SLOPE_DTYPES = (torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)  # supported by every attention kernel (csrc/common/attention_checks.h)
 CUDA_HEAD_DIMS = (64, 128)  # csrc/cuda/attention.cu and decode_attention.cu
-
-# Kernel ops per backend: (forward op, backward op).
-_KERNELS: dict[Backend, tuple] = {}
 
 
 def _fwd_fake(q, k, v, cu_seqlens, alibi_slopes, softmax_scale, causal, max_seqlen):
@@ -71,13 +69,6 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
-    torch.library.register_fake(fwd_op)(_fwd_fake)
-    torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd_op, bwd_op)
-
-
 def _has_cuda_kernel(op: str) -> bool:
     return _extension.extension_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
 
@@ -86,15 +77,10 @@ def _has_cuda_kernel(op: str) -> bool:
 _CUDA_FWD = _has_cuda_kernel("baichuan::attention_fwd")
 _CUDA_BWD = _has_cuda_kernel("baichuan::attention_bwd")
 
-if _extension.extension_error() is None:
-    _register_kernel(Backend.CPU, torch.ops.baichuan.attention_fwd.default, torch.ops.baichuan.attention_bwd.default)
-    if _extension.cuda_compiled():
-        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]  # the same torch op, dispatched by device
-if registry.TRITON_IMPORT_ERROR is None:
-    from ..triton import attention as _triton  # noqa: F401  (defines torch.ops.baichuan_triton.attention_*)
-
-    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.attention_fwd.default,
-                     torch.ops.baichuan_triton.attention_bwd.default)
+_KERNELS = register_kernels(
+    "attention", triton_module="attention", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    setup_context=_setup_context, make_backward=_make_backward,
+)
 
 
 def _needs_grad(*tensors) -> bool:

@@ -33,10 +33,11 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, registry
+from .. import registry
 from .._validation import FLOAT_DTYPES_F64, check_positive, check_same_device, check_same_dtype, check_tensor
 from ..reference.linear_cross_entropy import linear_cross_entropy_ref
 from ..registry import Backend, Impl
+from ._kernels import register_kernels
 from .rope import _check_int
 
 __all__ = ["linear_cross_entropy", "default_chunk_size"]
@@ -50,7 +51,6 @@ CUDA_CHUNK_MAX_BYTES = 1 << 30
 CUDA_CHUNK_FREE_FRACTION = 16
 
 # Kernel ops per backend: (forward op, recompute-backward op).
-_KERNELS: dict[Backend, tuple] = {}
 
 
 def default_chunk_size(N: int, V: int, device: torch.device) -> int:
@@ -168,23 +168,10 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
-    torch.library.register_fake(fwd_op)(_fwd_fake)
-    torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd_op, bwd_op)
-
-
-if _extension.extension_error() is None:
-    _register_kernel(Backend.CPU, torch.ops.baichuan.linear_cross_entropy_fwd.default,
-                     torch.ops.baichuan.linear_cross_entropy_bwd.default)
-    if _extension.cuda_compiled():
-        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]  # the same torch op, dispatched by device
-if registry.TRITON_IMPORT_ERROR is None:
-    from ..triton import linear_cross_entropy as _triton  # noqa: F401
-
-    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.linear_cross_entropy_fwd.default,
-                     torch.ops.baichuan_triton.linear_cross_entropy_bwd.default)
+_KERNELS = register_kernels(
+    "linear_cross_entropy", triton_module="linear_cross_entropy", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    setup_context=_setup_context, make_backward=_make_backward,
+)
 
 
 def _kernel_dtypes(hidden: torch.Tensor, *args, **kwargs) -> Optional[str]:

@@ -15,14 +15,13 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, registry
+from .. import registry
 from .._validation import FLOAT_DTYPES_F64, check_positive, check_tensor
 from ..reference.norm_head import norm_head_weight_ref
 from ..registry import Backend, Impl
+from ._kernels import register_kernels
 
 __all__ = ["norm_head_weight"]
-
-_KERNELS: dict[Backend, tuple] = {}
 
 
 def _fwd_fake(weight, eps):
@@ -49,23 +48,10 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
-    torch.library.register_fake(fwd_op)(_fwd_fake)
-    torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd_op, bwd_op)
-
-
-if _extension.extension_error() is None:
-    _register_kernel(Backend.CPU, torch.ops.baichuan.norm_head_weight_fwd.default,
-                     torch.ops.baichuan.norm_head_weight_bwd.default)
-    if _extension.cuda_compiled():
-        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]
-if registry.TRITON_IMPORT_ERROR is None:
-    from ..triton import norm_head as _triton  # noqa: F401
-
-    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.norm_head_weight_fwd.default,
-                     torch.ops.baichuan_triton.norm_head_weight_bwd.default)
+_KERNELS = register_kernels(
+    "norm_head_weight", triton_module="norm_head", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    setup_context=_setup_context, make_backward=_make_backward,
+)
 
 
 def _kernel_dtypes(weight: torch.Tensor, *args) -> Optional[str]:

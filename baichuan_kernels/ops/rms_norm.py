@@ -14,13 +14,11 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, registry
+from .. import registry
 from .._validation import FLOAT_DTYPES_F64, check_positive, check_same_device, check_same_dtype, check_shape, check_tensor
 from ..reference.rms_norm import rms_norm_ref
 from ..registry import Backend, Impl
-
-# Kernel ops per backend: (forward op, backward op).
-_KERNELS: dict[Backend, tuple] = {}
+from ._kernels import register_kernels
 
 
 def _fwd_fake(x, residual, weight, eps):
@@ -51,22 +49,10 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
-    torch.library.register_fake(fwd_op)(_fwd_fake)
-    torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd_op, bwd_op)
-
-
-if _extension.extension_error() is None:
-    _register_kernel(Backend.CPU, torch.ops.baichuan.rms_norm_fwd.default, torch.ops.baichuan.rms_norm_bwd.default)
-    if _extension.cuda_compiled():
-        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]  # the same torch op, dispatched by device
-if registry.TRITON_IMPORT_ERROR is None:
-    from ..triton import rms_norm as _triton  # noqa: F401  (defines torch.ops.baichuan_triton.rms_norm_*)
-
-    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.rms_norm_fwd.default,
-                     torch.ops.baichuan_triton.rms_norm_bwd.default)
+_KERNELS = register_kernels(
+    "rms_norm", triton_module="rms_norm", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    setup_context=_setup_context, make_backward=_make_backward,
+)
 
 
 def _kernel_dtypes(x: torch.Tensor) -> Optional[str]:

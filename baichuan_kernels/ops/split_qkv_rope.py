@@ -14,16 +14,14 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, registry
+from .. import registry
 from .._validation import FLOAT_DTYPES_F64, check_tensor
 from ..reference.split_qkv_rope import split_qkv_rope_ref
 from ..registry import Backend, Impl
+from ._kernels import register_kernels
 from .rope import _check_cos_sin, _check_int, _check_positions, heads_view, kernel_limits, kernel_tables
 
 __all__ = ["split_qkv_rope"]
-
-# Kernel ops per backend: (forward op, backward op).
-_KERNELS: dict[Backend, tuple] = {}
 
 
 def _fwd_fake(qkv, cos, sin, position_ids, num_heads):
@@ -51,23 +49,10 @@ def _make_backward(bwd_op):
     return backward
 
 
-def _register_kernel(backend: Backend, fwd_op, bwd_op) -> None:
-    torch.library.register_fake(fwd_op)(_fwd_fake)
-    torch.library.register_fake(bwd_op)(_bwd_fake)
-    torch.library.register_autograd(fwd_op, _make_backward(bwd_op), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd_op, bwd_op)
-
-
-if _extension.extension_error() is None:
-    _register_kernel(Backend.CPU, torch.ops.baichuan.split_qkv_rope_fwd.default,
-                     torch.ops.baichuan.split_qkv_rope_bwd.default)
-    if _extension.cuda_compiled():
-        _KERNELS[Backend.CUDA] = _KERNELS[Backend.CPU]  # the same torch op, dispatched by device
-if registry.TRITON_IMPORT_ERROR is None:
-    from ..triton import split_qkv_rope as _triton  # noqa: F401  (torch.ops.baichuan_triton.split_qkv_rope_*)
-
-    _register_kernel(Backend.TRITON, torch.ops.baichuan_triton.split_qkv_rope_fwd.default,
-                     torch.ops.baichuan_triton.split_qkv_rope_bwd.default)
+_KERNELS = register_kernels(
+    "split_qkv_rope", triton_module="split_qkv_rope", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+    setup_context=_setup_context, make_backward=_make_backward,
+)
 
 
 def _limits(qkv, cos, sin, num_heads=None, position_ids=None) -> Optional[str]:
