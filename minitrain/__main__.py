@@ -174,6 +174,7 @@ def _train(p: argparse.ArgumentParser):
     add_arguments(p)
 
     def run(args) -> int:
+        from .distributed import shutdown_distributed
         from .train import train
 
         try:
@@ -181,7 +182,10 @@ def _train(p: argparse.ArgumentParser):
         except (ValueError, FileNotFoundError, TypeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        train(cfg)
+        try:
+            train(cfg)
+        finally:
+            shutdown_distributed()
         return 0
 
     return run

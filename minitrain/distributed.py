@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "cast_embedding_output",
-           "is_main", "barrier", "all_reduce", "world"]
+           "is_main", "shutdown_distributed", "barrier", "all_reduce", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -52,6 +52,14 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     rank, n = world()
     return rank, n, dev
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (torchrun runs): without it, gloo's threads can abort the process at
+    exit ("terminate called without an active exception") after a successful run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
