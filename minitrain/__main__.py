@@ -184,8 +184,10 @@ def _train(p: argparse.ArgumentParser):
             return 2
         try:
             train(cfg)
-        finally:
-            shutdown_distributed()
+        except BaseException:
+            shutdown_distributed(sync=False)  # a failed rank must not wait in a barrier for the others
+            raise
+        shutdown_distributed()
         return 0
 
     return run

@@ -54,11 +54,13 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, n, dev
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(sync: bool = True) -> None:
     """Leave the process group (torchrun runs): without it, gloo's threads can abort the process at
-    exit ("terminate called without an active exception") after a successful run."""
+    exit ("terminate called without an active exception") after a successful run. ``sync`` waits for
+    the other ranks first (skip it on an error path: they may never arrive)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
