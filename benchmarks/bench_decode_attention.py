@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .common import Context, Provider, run_cases
+from .common import Context, Provider, run_cases, backend_reason
 
 OP = "decode_attention"
 OUR_BACKENDS = ("cuda", "triton", "cpu")
@@ -76,13 +76,7 @@ def _ours(backend: str, device: torch.device) -> Provider:
         reason = None
     except Exception as exc:
         bk, reason = None, f"baichuan_kernels is not importable ({exc})"
-    if reason is None and backend == "triton" and device.type != "cuda":
-        reason = "Triton only on GPU (the Triton interpreter is not a benchmark target)"
-    if reason is None and backend == "cpu" and device.type != "cpu":
-        reason = "the cpu backend runs CPU tensors (run with --device cpu)"
-    if reason is None and backend not in bk.available_backends(OP):
-        from baichuan_kernels.registry import Backend, machine_reason
-        reason = machine_reason(Backend(backend)) or f"not in available_backends({OP!r})"
+    reason = reason or backend_reason(OP, backend, device)
 
     def build(case: Case):
         return lambda i: bk.decode_attention(i.q, i.k, i.v, i.lens, alibi_slopes=i.slopes, backend=backend)

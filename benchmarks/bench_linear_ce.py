@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .common import Context, Provider, Unsupported, run_cases
+from .common import Context, Provider, run_cases, backend_reason
 
 OP = "linear_cross_entropy"
 V_BAICHUAN = 125_696
@@ -123,13 +123,7 @@ def eager(h, w, y):
 def _ours(backend: str, device: torch.device) -> Provider:
     bk, err = _import_bk()
     reason = err
-    if reason is None and backend == "triton" and device.type != "cuda":
-        reason = "Triton only on GPU (the Triton interpreter is not a benchmark target)"
-    if reason is None and backend == "cpu" and device.type != "cpu":
-        reason = "the cpu backend runs CPU tensors (run with --device cpu)"
-    if reason is None and backend not in bk.available_backends(OP):
-        from baichuan_kernels.registry import Backend, machine_reason
-        reason = machine_reason(Backend(backend)) or f"not in available_backends({OP!r})"
+    reason = reason or backend_reason(OP, backend, device)
 
     def f(h, w, y):
         return bk.linear_cross_entropy(h, w, y, z_loss_weight=Z_LOSS, backend=backend)[0]

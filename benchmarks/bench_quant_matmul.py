@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import Context, Provider, Unsupported, run_cases
+from .common import Context, Provider, Unsupported, run_cases, backend_reason
 
 OP = "quant_matmul"
 OUR_BACKENDS = ("cuda", "triton", "cpu")
@@ -94,13 +94,7 @@ def _import_bk():
 
 def _ours(backend: str, device: torch.device) -> Provider:
     bk, reason = _import_bk()
-    if reason is None and backend == "triton" and device.type != "cuda":
-        reason = "Triton only on GPU (the Triton interpreter is not a benchmark target)"
-    if reason is None and backend == "cpu" and device.type != "cpu":
-        reason = "the cpu backend runs CPU tensors (run with --device cpu)"
-    if reason is None and backend not in bk.available_backends(OP):
-        from baichuan_kernels.registry import Backend, machine_reason
-        reason = machine_reason(Backend(backend)) or f"not in available_backends({OP!r})"
+    reason = reason or backend_reason(OP, backend, device)
 
     def build(case: Case):
         from baichuan_kernels import registry

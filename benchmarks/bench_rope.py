@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import Context, Provider, Unsupported, run_cases
+from .common import Context, Provider, Unsupported, run_cases, backend_reason
 
 OP = "rope"
 OUR_BACKENDS = ("cuda", "triton", "cpu")
@@ -115,13 +115,7 @@ def _call(fns: dict, case: Case, **kw) -> Callable:
 def _ours(backend: str, device: torch.device) -> Provider:
     bk, _, err = _import_bk()
     reason = err
-    if reason is None and backend == "triton" and device.type != "cuda":
-        reason = "Triton only on GPU (the Triton interpreter is not a benchmark target)"
-    if reason is None and backend == "cpu" and device.type != "cpu":
-        reason = "the cpu backend runs CPU tensors (run with --device cpu)"
-    if reason is None and backend not in bk.available_backends("apply_rope"):
-        from baichuan_kernels.registry import Backend, machine_reason
-        reason = machine_reason(Backend(backend)) or "not in available_backends('apply_rope')"
+    reason = reason or backend_reason("apply_rope", backend, device)
 
     def build(case: Case):
         fns = {"apply_rope": bk.apply_rope, "split_qkv_rope": bk.split_qkv_rope}

@@ -438,3 +438,17 @@ def plot(path: str, results: Sequence[Result], peaks: Peaks, title: str) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def backend_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """Why our ``backend`` of ``op`` is not benchmarked on ``device`` (None when it is)."""
+    if backend == "triton" and device.type != "cuda":
+        return "Triton only on GPU (the Triton interpreter is not a benchmark target)"
+    if backend == "cpu" and device.type != "cpu":
+        return "the cpu backend runs CPU tensors (run with --device cpu)"
+    import baichuan_kernels as bk
+    from baichuan_kernels.registry import Backend, machine_reason
+
+    if backend not in bk.available_backends(op):
+        return machine_reason(Backend(backend)) or f"not in available_backends({op!r})"
+    return None
