@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark \
-		ninja pybind11 setuptools wheel matplotlib safetensors sentencepiece tqdm
+		ninja pybind11 setuptools wheel matplotlib safetensors sentencepiece tqdm hypothesis
 	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import baichuan_kernels as bk; print(bk.build_info()['cuda'], bk.available_backends('rms_norm'))"
 	touch $(STAMP)
