@@ -8,14 +8,17 @@
 # Writes few files (the device tool returns at most 8, at most 2 folders deep):
 #   OUT_DIR/gpu_check.log                        everything printed below
 #   OUT_DIR/build.log, OUT_DIR/tests.log         the build and pytest logs
+#   OUT_DIR/sanitize.log                         compute-sanitizer memcheck + racecheck of every CUDA kernel
 #   OUT_DIR/bench/<device>-<yyyymmdd>.json|.md|.png   results (committable: benchmarks/results/README.md)
 #
 # Python wheels the image lacks (liger-kernel, ...) travel in .whl/*.whl and are installed with
-# --no-index --no-deps into /tmp/site (PYTHONPATH). Limits in seconds are overridable:
-# BUILD_TIMEOUT (150), TEST_TIMEOUT (100), BENCH_TIMEOUT (150), MODEL_TIMEOUT (80): 480 s at most. PYTHON picks the interpreter (python3).
+# --no-index --no-deps into /tmp/site (PYTHONPATH). Limits in seconds are overridable: BUILD_TIMEOUT (150),
+# TEST_TIMEOUT (120), SANITIZE_TIMEOUT (90), BENCH_TIMEOUT (150), MODEL_TIMEOUT (60), and TOTAL_BUDGET (565)
+# caps them all together: a step gets at most what is left of it (steps run in order of priority).
+# PYTHON picks the interpreter (python3).
 # Where the tree was copied without .git, name the commit for the metadata: BENCH_GIT_SHA=<sha>.
 # Dry run of the non-GPU parts on a CPU machine:
-#   SKIP="build tests" BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/g
+#   SKIP="build tests sanitize" BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/g
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-./gpu_out}}
@@ -25,10 +28,13 @@ export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 STATUS=()
 NFAILED=0
+T_START=$SECONDS
+TOTAL_BUDGET=${TOTAL_BUDGET:-565}
 
 # run_step NAME LIMIT_S LOGFILE|- CMD...: time-boxed; a log file gets the output and its tail is shown
 run_step() {
     local name=$1 limit=$2 log=$3 rc t0=$SECONDS
+    local left=$((TOTAL_BUDGET - (SECONDS - T_START) - 10))
     shift 3
     echo
     if [[ " ${SKIP:-} " == *" ${name%% *} "* ]]; then
@@ -36,6 +42,13 @@ run_step() {
         STATUS+=("skipped $name")
         return 0
     fi
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: not run (TOTAL_BUDGET=${TOTAL_BUDGET}s spent) ==="
+        STATUS+=("FAILED  $name (not run: total budget spent)")
+        NFAILED=$((NFAILED + 1))
+        return 1
+    fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
     echo "=== $name (limit ${limit}s) ==="
     if [ "$log" = "-" ]; then
         timeout -k 10 "$limit" "$@"
@@ -57,7 +70,6 @@ run_step() {
 }
 
 main() {
-    local t_start=$SECONDS
     echo "=== machine ==="
     date -u +%Y-%m-%dT%H:%M:%SZ
     nvidia-smi || echo "nvidia-smi: not available"
@@ -99,8 +111,17 @@ EOF
 print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"cuda\"], \"built without CUDA\""
     ' "$PY"
 
-    run_step "tests on the GPU" "${TEST_TIMEOUT:-100}" "$OUT_DIR/tests.log" \
-        "$PY" -m pytest tests -q -m "not slow" -p no:cacheprovider --maxfail=20
+    # GPU tests only (the CPU ones ran in CI); Triton JIT-compiles in parallel over xdist workers.
+    local xdist=()
+    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+    "$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 90)
+    run_step "tests on the GPU" "${TEST_TIMEOUT:-120}" "$OUT_DIR/tests.log" \
+        "$PY" -m pytest tests -q -m "cuda and not slow" -p no:cacheprovider --maxfail=30 -rf "${xdist[@]}"
+
+    # Every CUDA kernel under compute-sanitizer memcheck + racecheck at small shapes (clean / UNCLEAN).
+    local st=${SANITIZE_TIMEOUT:-90}
+    run_step "sanitize (compute-sanitizer memcheck, racecheck)" "$st" - \
+        "$PY" -m benchmarks.sanitize --tools memcheck,racecheck --timeout $((st - 5)) --log "$OUT_DIR/sanitize.log"
 
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
     # Ops in order of priority: a time-out keeps the results of the ops already measured.
@@ -110,14 +131,21 @@ print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"c
 
     # A 7B training step (fp32 master weights + AdamW, bf16 autocast) at seq 4096; 8 of 32 layers fit
     # one GPU with the optimizer state (the full model needs ~120 GB of it). Prints tokens/s and MFU.
-    run_step "bench-model 7b (8 layers, seq 4096)" "${MODEL_TIMEOUT:-80}" - \
+    run_step "bench-model 7b (8 layers, seq 4096)" "${MODEL_TIMEOUT:-60}" - \
         "$PY" -m minitrain bench-model --preset 7b --layers 8 --seq 4096 --batch 1 --steps 2
 
     echo
-    echo "=== steps (total $((SECONDS - t_start))s) ==="
+    echo "=== steps (total $((SECONDS - T_START))s) ==="
     printf '%s\n' "${STATUS[@]}"
     local json
     json=$(ls -t "$OUT_DIR"/bench/*.json 2>/dev/null | head -n 1)
+    echo
+    echo "=== GPU tests ==="
+    grep -E "^(FAILED|ERROR) " "$OUT_DIR/tests.log" 2>/dev/null | cut -c1-200 | head -n 25
+    tail -n 1 "$OUT_DIR/tests.log" 2>/dev/null
+    echo
+    echo "=== sanitizer ==="
+    sed -n '/^===== verdict/,$p' "$OUT_DIR/sanitize.log" 2>/dev/null | tail -n +2
     echo
     echo "=== summary ==="
     if [ -n "$json" ]; then
