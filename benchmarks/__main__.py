@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="results",
                     help="file stem of the outputs; 'auto' = <device>-<yyyymmdd>, the committed-results naming")
     ap.add_argument("--one-plot", action="store_true", help="one PNG with a panel per op instead of one per op")
+    ap.add_argument("--providers", default="",
+                    help="comma-separated providers to time (e.g. cuda,triton); the eager reference always runs")
     ap.add_argument("--list", action="store_true", help="list the benchmarked ops and exit")
     args = ap.parse_args(argv)
     if args.list:
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks = common.measure_peaks(device, quick=args.quick)
     print(f"peaks: copy {peaks.copy_gbps:.1f} GB/s" + (f", bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s" if peaks.matmul_tflops else ""))
     ctx = common.Context(device=device, quick=args.quick, peaks=peaks, cache_bytes=common.cache_bytes(device),
-                         cpu_budget_s=0.4 if args.quick else 1.0)
+                         cpu_budget_s=0.4 if args.quick else 1.0,
+                         providers=tuple(p for p in args.providers.split(",") if p))
 
     os.makedirs(args.out, exist_ok=True)
     name = common.run_name(meta) if args.name == "auto" else args.name

@@ -105,6 +105,7 @@ class Context:
     peaks: Peaks
     cache_bytes: int  # L2 (GPU) or last-level cache (CPU) that rotating input sets must exceed
     cpu_budget_s: float = 1.0  # time budget of one CPU measurement (warm-up excluded)
+    providers: tuple[str, ...] = ()  # only these (and the eager reference); () = all
 
 
 # ----------------------------------------------------------------------------------------- timing
@@ -226,6 +227,8 @@ def run_cases(ctx: Context, op: str, cases: Sequence[Any], providers: Sequence[P
     and ``pass_``; ``make_inputs(case, n)`` returns n input sets; ``traffic(case)`` returns the
     minimal (bytes, flops) of one call. A provider that fails is recorded as a Skip, never fatal."""
     results: list[Result] = []
+    if ctx.providers:  # --providers: the others are left out (the eager reference always runs)
+        providers = [p for p in providers if p.name in ctx.providers or p.name == REFERENCE_PROVIDER]
     skips = [Skip(op, p.name, p.skip_reason) for p in providers if p.skip_reason]
     live = [p for p in providers if not p.skip_reason]
     live.sort(key=lambda p: p.name != REFERENCE_PROVIDER)  # the reference runs first: rel_err

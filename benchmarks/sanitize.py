@@ -151,7 +151,7 @@ def workload(backends, device) -> int:
             print(f"  {'ok  ' if ok else 'FAIL'}  {backend:6s} {name}: max rel err {max(errs):.2e} "
                   f"({time.perf_counter() - t0:.2f}s)")
     print(f"workload: {ran} runs, {failures} failures")
-    return 1 if failures else 0
+    return 1 if failures or not ran else 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,6 +192,10 @@ def _run_tool(exe, tool, backends, timeout, log, use_filter):
     return out, rc, time.time() - t0
 
 
+# memcheck: "ERROR SUMMARY: 0 errors"; racecheck: "RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+_SUMMARY = re.compile(r"SUMMARY: (?:\d+ hazards? displayed \()?(\d+) errors?")
+
+
 def drive(tools, backends, timeout, log_path) -> int:
     exe = _sanitizer()
     if not exe:
@@ -208,15 +212,17 @@ def drive(tools, backends, timeout, log_path) -> int:
                 bad += 1
                 continue
             out, rc, dt = _run_tool(exe, tool, backends, left, log, use_filter)
-            summary = re.search(r"ERROR SUMMARY: (\d+) error", out)
+            summary = _SUMMARY.search(out)
             if summary is None and use_filter and rc not in (None, 0) and "workload:" not in out:
                 # an older/newer compute-sanitizer that rejects the kernel filter: instrument everything
                 out, rc, dt2 = _run_tool(exe, tool, backends, deadline - time.time(), log, False)
-                summary, dt = re.search(r"ERROR SUMMARY: (\d+) error", out), dt + dt2
+                summary, dt = _SUMMARY.search(out), dt + dt2
             work = re.search(r"workload: (\d+) runs, (\d+) failures", out)
             errors = int(summary.group(1)) if summary else None
             if rc is None:
                 verdict = "TIMED OUT"
+            elif not work or work.group(1) == "0":
+                verdict = "error (no kernel ran)"
             elif errors == 0 and rc == 0:
                 verdict = "clean"
             elif errors:

@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -61,7 +60,7 @@ inline void exp_shifted(float* x, int64_t n, float shift) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float e = p * r * r + r + 1.f;
-    const float y = e * std::bit_cast<float>((ki + 127) << 23);
+    const float y = e * __builtin_bit_cast(float, (ki + 127) << 23);
     x[j] = v0 > -87.33f ? y : 0.f;
   }
 }
