@@ -303,9 +303,10 @@ def collect_meta(device: torch.device, command: str) -> dict:
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        # a copied working tree without .git (the GPU machine) gets the sha from BENCH_GIT_SHA
-        "git_sha": _run(["git", "-C", root, "rev-parse", "HEAD"]) or os.environ.get("BENCH_GIT_SHA"),
-        "git_dirty": (None if _run(["git", "-C", root, "rev-parse", "HEAD"]) is None
+        # BENCH_GIT_SHA names the commit of a copied working tree (the GPU machine), whose .git, if any,
+        # may be stale: it wins over git, and cleanliness is then the caller's word (None = not checked)
+        "git_sha": os.environ.get("BENCH_GIT_SHA") or _run(["git", "-C", root, "rev-parse", "HEAD"]),
+        "git_dirty": (None if os.environ.get("BENCH_GIT_SHA") or _run(["git", "-C", root, "rev-parse", "HEAD"]) is None
                       else bool(_run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]))),
         "python": platform.python_version(),
         "torch": torch.__version__,

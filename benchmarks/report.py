@@ -4,6 +4,10 @@
     python -m benchmarks.report --write README.md     # ... replacing the text between the markers
                                                       #     <!-- perf-table:begin --> and <!-- perf-table:end -->
     python -m benchmarks.report --summary RUN.json    # per-row summary of one run (gpu_check.sh prints it last)
+    python -m benchmarks.report --merge OUT.json A.json B.json [--git-sha SHA ...]
+                                                      # one result file from several runs on one device kind
+                                                      # (e.g. a peers run and a --providers cuda run); rows of
+                                                      # a later file replace the same rows of an earlier one
 
 The README table has one row per (device, op, shape, dtype, pass): our fastest backend, its GB/s (or
 TFLOP/s) and share of the peak measured in the same run, and its speed-up over the eager reference, the
@@ -130,13 +134,59 @@ def summary(doc: dict) -> str:
     return "\n\n".join(out)
 
 
+def merge(paths: list[str], shas: Optional[list[str]] = None) -> dict:
+    """Several runs of one device kind → one document. Each run's metadata (date, sha, command, peaks,
+    driver) is kept under meta["runs"]; the last run's metadata and peaks head the document. ``shas``
+    corrects a run's git sha (a copied tree's stale .git) in the same order as ``paths``."""
+    docs = []
+    for i, path in enumerate(paths):
+        with open(path) as f:
+            doc = json.load(f)
+        if shas and i < len(shas) and shas[i]:
+            doc["meta"]["git_sha"], doc["meta"]["git_dirty"] = shas[i], False
+        docs.append(doc)
+    devices = {d["meta"]["device"] for d in docs}
+    if len(devices) != 1:
+        raise SystemExit(f"--merge: runs of different devices {sorted(devices)}")
+    rows: dict[tuple, dict] = {}
+    for doc in docs:
+        for r in doc["results"]:
+            rows[(r["op"], r["provider"], r["config"], r["dtype"], r["pass"])] = r
+    timed = {(r["op"], r["provider"]) for r in rows.values()}
+    skipped = {(s["op"], s["provider"], s["case"]): s for d in docs for s in d["skipped"]
+               if (s["op"], s["provider"]) not in timed}
+    meta = dict(docs[-1]["meta"])
+    meta["runs"] = [{k: d["meta"].get(k) for k in ("date", "git_sha", "git_dirty", "command", "driver", "torch",
+                                                   "triton")} | {"peaks": d["peaks"]} for d in docs]
+    meta["command"] = " + ".join(d["meta"]["command"] for d in docs)
+    meta["git_sha"] = docs[-1]["meta"]["git_sha"]
+    return {"meta": meta, "peaks": docs[-1]["peaks"], "results": list(rows.values()), "skipped": list(skipped.values())}
+
+
+def write_merged(doc: dict, out_json: str) -> None:
+    from . import common  # torch: only for writing
+
+    with open(out_json, "w") as f:
+        json.dump(doc, f, indent=1)
+    results = [common.Result(**{("pass_" if k == "pass" else k): v for k, v in r.items()}) for r in doc["results"]]
+    skips = [common.Skip(**s) for s in doc["skipped"]]
+    common.write_markdown(out_json[:-len(".json")] + ".md", doc["meta"], common.Peaks(**doc["peaks"]), results, skips)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=RESULTS_DIR, help="folder of committed <device>-<yyyymmdd>.json files")
     ap.add_argument("--write", metavar="README", help="replace the table between the perf-table markers in this file")
     ap.add_argument("--summary", metavar="JSON", help="print the summary of one run instead")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="OUT.json IN.json [IN.json ...]: merge runs")
+    ap.add_argument("--git-sha", nargs="*", default=None, help="with --merge: the true sha of each input, in order")
     args = ap.parse_args(argv)
+    if args.merge:
+        if len(args.merge) < 3:
+            ap.error("--merge OUT.json IN.json IN.json ...")
+        write_merged(merge(args.merge[1:], args.git_sha), args.merge[0])
+        return 0
     if args.summary:
         with open(args.summary) as f:
             print(summary(json.load(f)))

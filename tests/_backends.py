@@ -8,9 +8,10 @@ import baichuan_kernels as bk
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def kernel_backends(op: str) -> list:
-    """pytest params (device, backend) for every non-reference backend usable here."""
-    usable = set(bk.available_backends(op))
+def kernel_backends(op: str, *, exclude: tuple = ()) -> list:
+    """pytest params (device, backend) for every non-reference backend usable here, but those in
+    ``exclude`` (a backend too narrow for a generic test file, covered by its own file instead)."""
+    usable = set(bk.available_backends(op)) - set(exclude)
     params = []
     for device in DEVICES:
         wanted = ("cpu", "triton") if device == "cpu" else ("cuda", "triton")

@@ -10,7 +10,8 @@ from baichuan_kernels.reference.decode_attention import decode_attention_ref
 from baichuan_kernels.testing import DTYPES, assert_within_reference_error, make_tensor, poisoned_outputs
 from _backends import kernel_backends
 
-BACKENDS = kernel_backends("decode_attention")
+# The CUDA kernel (Dh 64/128) has its own tests: tests/test_attention_cuda.py.
+BACKENDS = kernel_backends("decode_attention", exclude=("cuda",))
 
 # (B, S_max, H, Dh, lengths)
 SHAPES = {
