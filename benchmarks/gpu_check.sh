@@ -74,6 +74,7 @@ main() {
     date -u +%Y-%m-%dT%H:%M:%SZ
     nvidia-smi || echo "nvidia-smi: not available"
     command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    echo "host compilers: CC=${CC:-unset} CXX=${CXX:-unset}; $(command -v g++): $(g++ --version 2>/dev/null | head -n 1)"
     git log -1 --format='git %H %s' 2>/dev/null || echo "git: no repository here; BENCH_GIT_SHA=${BENCH_GIT_SHA:-unset}"
 
     if compgen -G ".whl/*.whl" >/dev/null; then
@@ -114,7 +115,7 @@ print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"c
     "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
     "$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 90)
     run_step "tests on the GPU" "${TEST_TIMEOUT:-120}" "$OUT_DIR/tests.log" \
-        "$PY" -m pytest tests -q -m "cuda and not slow" -p no:cacheprovider --maxfail=30 -rfE --tb=short "${xdist[@]}" ${TEST_K:+-k "$TEST_K"}
+        "$PY" -m pytest tests -q -m "(cuda or gpu_check) and not slow" -p no:cacheprovider --maxfail=30 -rfE --tb=short "${xdist[@]}" ${TEST_K:+-k "$TEST_K"}
 
     # Every CUDA kernel under compute-sanitizer memcheck + racecheck at small shapes (clean / UNCLEAN).
     local st=${SANITIZE_TIMEOUT:-90}

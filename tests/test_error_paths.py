@@ -92,6 +92,7 @@ def _run(device: str, cases: list) -> None:
     assert len(verdicts) == len(cases) and not bad, "\n".join(bad or verdicts)
 
 
+@pytest.mark.gpu_check  # on the GPU image too: is a crash there CUDA's or the toolchain's?
 def test_cpu_kernels_raise_clear_errors():
     _run("cpu", CASES)
 
