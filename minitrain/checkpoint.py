@@ -11,7 +11,8 @@ every file and the directory, renames it to ``step_N`` and then replaces ``lates
 temporary file, fsynced, ``os.replace``d). A crash at any moment (kill -9 included) leaves ``latest``
 naming a complete checkpoint; leftover ``*.tmp`` directories are removed by the next save (and a
 complete ``step_N`` that ``latest`` does not name yet is replaced when step N is saved again).
-tests/test_faults.py kills a run at every phase of a save (SAVE_PHASES) and resumes it bit-exactly.
+tests/test_faults.py kills runs at seeded-random phases of a save (SAVE_PHASES, also with a torn file)
+and during steps, and resumes them bit-exactly.
 
 checksums.json: ``{"format": 2, "files": {name: {"bytes": size, "sha256": hex}}, "sha256": hex of the
 files table}`` (the last guards checksums.json itself). At load every file's size, then sha256, is
