@@ -319,8 +319,9 @@ def train(cfg: TrainConfig) -> dict:
         if bad is not None and guard.policy == "stop":
             if metrics_file is not None:
                 metrics_file.close()
-            raise BadStepError(f"step {step + 1}: {bad}; stopping (--on-nonfinite stop): nothing of this step "
-                               f"was applied or saved; the last checkpoint is {ckpt.latest_checkpoint(ckpt_root)}")
+            last_ck = ckpt.latest_checkpoint(ckpt_root)
+            raise BadStepError(f"step {step + 1}: {bad}; stopping (--on-nonfinite stop): nothing of this step was "
+                               "applied or saved; " + (f"the last checkpoint is {last_ck}" if last_ck else "no checkpoint yet"))
         lr = optimizer.param_groups[0]["lr"]
         if bad is None:
             optimizer.step()

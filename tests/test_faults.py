@@ -375,6 +375,13 @@ def test_stop_policy_exits_non_zero_and_saves_nothing(clean, data_dir, tmp_path,
     monkeypatch.setenv("MINITRAIN_FAULTS", json.dumps({"poison": {"2": "spike"}}))
     with pytest.raises(BadStepError, match=r"step 2: the loss .* spikes above 3 × .*the mean of the last 1 accepted"):
         train(TrainConfig(**{**cfg, "out": str(tmp_path / "spike")}, loss_spike_factor=3.0))
+    # a finite loss with an inf gradient: before, clipping made that gradient NaN, AdamW wrote NaN into the
+    # weights and a checkpoint at that step stored them (the loss check came only at the next step); now
+    # nothing is applied
+    monkeypatch.setenv("MINITRAIN_FAULTS", json.dumps({"poison": {"1": "inf_grad"}}))
+    with pytest.raises(BadStepError, match=r"step 1: the gradient norm is inf; .*no checkpoint yet"):
+        train(TrainConfig(**{**cfg, "out": str(tmp_path / "grad")}))
+    assert not (tmp_path / "grad" / "checkpoints").exists()
 
 
 def test_policy_options_are_validated_and_documented(capsys):
