@@ -174,8 +174,10 @@ def _train(p: argparse.ArgumentParser):
     add_arguments(p)
 
     def run(args) -> int:
+        from .checkpoint import CheckpointError
+        from .data import DataError
         from .distributed import shutdown_distributed
-        from .train import train
+        from .train import BadStepError, train
 
         try:
             cfg = config_from_args(args)
@@ -184,6 +186,10 @@ def _train(p: argparse.ArgumentParser):
             return 2
         try:
             train(cfg)
+        except (BadStepError, CheckpointError, DataError) as exc:  # a clear message, no traceback
+            shutdown_distributed(sync=False)  # a failed rank must not wait in a barrier for the others
+            print(f"error: {exc}", file=sys.stderr)
+            return 3 if isinstance(exc, BadStepError) else 2
         except BaseException:
             shutdown_distributed(sync=False)  # a failed rank must not wait in a barrier for the others
             raise

@@ -220,9 +220,10 @@ class TokenData:
             size = path.stat().st_size
             if size != e["tokens"] * dtype.itemsize:
                 raise DataError(f"shard {path} is corrupted: {size} bytes, the manifest says "
-                                f"{e['tokens']} {dtype.name} tokens ({e['tokens'] * dtype.itemsize} bytes)")
+                                f"{e['tokens']} {dtype.name} tokens ({e['tokens'] * dtype.itemsize} bytes) "
+                                "(size mismatch: truncated or overwritten)")
             if verify and sha256_file(path) != e["sha256"]:
-                raise DataError(f"shard {path} is corrupted: its sha256 does not match the manifest")
+                raise DataError(f"shard {path} is corrupted: its sha256 does not match the manifest (checksum mismatch)")
             self.shards.append(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r"))
         self.tokens = int(sum(s.size for s in self.shards))
         tok = self.dir / m.get("tokenizer", "tokenizer.model")

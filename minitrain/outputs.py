@@ -45,7 +45,8 @@ def plot_losses(metrics: Path, png: Path, ln_v: float) -> Optional[str]:
         return None
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in recs], [r.get("loss_avg", r["loss"]) for r in recs], label="train loss (mean per record)")
+    train = [r for r in recs if r.get("loss_avg", r["loss"]) is not None]  # None: only skipped steps since the last
+    ax.plot([r["step"] for r in train], [r.get("loss_avg", r["loss"]) for r in train], label="train loss (mean per record)")
     val = [r for r in recs if r.get("val_loss") is not None]
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o", label="validation CE")

@@ -11,7 +11,14 @@ micro-steps and the ranks. The loss is the mean over every trained target of the
 Outputs under ``OUT``: ``metrics.jsonl`` (one object per logged step: step, loss (that step's),
 loss_avg (mean since the previous record), ce, z, lr, grad_norm, tokens_per_s, mfu, peak_mem_gb,
 tokens, and val_loss where evaluated), ``checkpoints/`` (see checkpoint.py),
-``hf/`` (consolidated safetensors + tokenizer.model), ``loss.png``, ``sample.txt``, ``tb/``.
+``hf/`` (consolidated safetensors + tokenizer.model), ``loss.png``, ``sample.txt``, ``tb/``. Every
+record also has ``skipped_steps``; a step skipped by the bad-step policy (guard.py) is always logged,
+with ``"skipped": true``.
+
+Fault tolerance: checkpoints are atomic and checksummed (checkpoint.py); ``--resume`` continues from
+the newest complete one bit-exactly (parameters, optimizer, RNG, data position, the bad-step window
+and the metrics accumulators are all in it) and refuses a corrupted one, naming the file and the
+newest complete checkpoint to fall back to. Test hooks: faults.py (tests/test_faults.py).
 
 MFU = tokens/s × (6·N_matmul + 12·L·D·T) / peak, with N_matmul the parameters of every matmul (all
 Linear weights and the head; not the input embedding, not the norms), L layers, D hidden size, T
@@ -26,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -33,6 +41,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -41,11 +50,13 @@ from .data import TokenData, Sampler, build_dataset, corpus_key, make_batch, rea
     text_documents, train_tokenizer
 from .distributed import all_reduce, apply_activation_checkpointing, apply_compile, apply_fsdp, barrier, \
     cast_embedding_output, init_distributed, world
+from .faults import Faults
+from .guard import BadStepError, StepGuard
 from .model import Baichuan2
 from .outputs import Progress, plot_losses, sample_text, tensorboard_writer
 from .train_config import TrainConfig
 
-__all__ = ["train", "prepare_data", "flops_per_token", "peak_flops", "lr_at", "build_model"]
+__all__ = ["train", "prepare_data", "flops_per_token", "peak_flops", "lr_at", "build_model", "BadStepError"]
 
 # dense bf16 tensor-core peaks (TFLOP/s) by device name
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -129,8 +140,11 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> Baichuan2Config:
 
 
 def build_model(mcfg: Baichuan2Config, device: torch.device, seed: int) -> Baichuan2:
-    """fp32 master weights, initialised on ``device`` one part at a time from ``seed`` (same on every rank)."""
+    """fp32 master weights, initialised on ``device`` one part at a time from ``seed`` (same on every rank).
+    Every RNG a checkpoint saves (torch, numpy, random) starts from ``seed``: a run is reproducible."""
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     with torch.device("meta"):
         model = Baichuan2(mcfg)
     return model.materialize(device, torch.float32)
@@ -247,19 +261,24 @@ def train(cfg: TrainConfig) -> dict:
     windows = train_data.windows(T)
     sampler = Sampler(len(windows), cfg.seed)
     step, ckpt_root, metrics_path = 0, out / "checkpoints", out / "metrics.jsonl"
-    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.resume else None
+    guard = StepGuard(cfg.on_nonfinite, cfg.loss_spike_factor, cfg.loss_spike_window)
+    faults = Faults.from_env()
+    loss_sum, n_since = 0.0, 0  # accepted steps' losses since the last metrics record
+    latest, state = ckpt.load_latest(ckpt_root, model, optimizer) if cfg.resume else (None, None)
     if latest is not None:
-        state = ckpt.load(latest, model, optimizer)
         _check_same_run(state, cfg, mcfg, latest)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if "guard" in state:
+            guard.load_state_dict(state["guard"])
+            loss_sum, n_since = state["log_since"]
         step = state["step"]
         log(f"resumed from {latest} (step {step})")
-        if rank == 0 and metrics_path.exists():  # drop records of steps after the checkpoint
-            keep = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= step]
-            ckpt._write_atomic(metrics_path, "".join(line + "\n" for line in keep))
     elif cfg.resume:
         log(f"--resume: no checkpoint under {ckpt_root} yet, starting from step 0")
+    if cfg.resume and rank == 0 and metrics_path.exists():  # drop records of steps after the checkpoint
+        keep = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= step]
+        ckpt._write_atomic(metrics_path, "".join(line + "\n" for line in keep))
     out.mkdir(parents=True, exist_ok=True)
 
     fpt, peak = flops_per_token(mcfg, T), peak_flops(device)
@@ -271,7 +290,7 @@ def train(cfg: TrainConfig) -> dict:
     b = cfg.batch_size // (cfg.grad_accum * n_ranks)
     metrics_file = open(metrics_path, "a") if rank == 0 else None
     last = {}
-    t_log, tokens_since, loss_sum, n_since = time.perf_counter(), 0, 0.0, 0
+    t_log, tokens_since = time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -285,32 +304,49 @@ def train(cfg: TrainConfig) -> dict:
             ids = ids_all[rows].to(device)
             seg = None if seg_all is None else seg_all[rows].to(device)
             loss, ce, z = _batch_losses(model, ids, seg, n_total, ctx)
+            if m == 0:
+                loss = faults.poison_loss(step + 1, loss)
             (loss * n_ranks).backward()  # FSDP averages gradients over ranks: undo it, the weights sum to 1
             sums += torch.stack([loss.detach(), ce, z]).double()
+        faults.poison_grads(step + 1, model)
+        faults.point(f"step:{step + 1}:backward")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        all_reduce(sums)
+        loss_v, ce_v, z_v = (float(x) for x in sums)
+        bad = guard.check(loss_v, float(grad_norm))  # before the update: a bad step changes nothing
+        if bad is not None and guard.policy == "stop":
+            if metrics_file is not None:
+                metrics_file.close()
+            last_ck = ckpt.latest_checkpoint(ckpt_root)
+            raise BadStepError(f"step {step + 1}: {bad}; stopping (--on-nonfinite stop): nothing of this step was "
+                               "applied or saved; " + (f"the last checkpoint is {last_ck}" if last_ck else "no checkpoint yet"))
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        if bad is None:
+            optimizer.step()
+            guard.accept(loss_v)
+            loss_sum, n_since = loss_sum + loss_v, n_since + 1
+        else:
+            guard.skipped += 1
+            log(f"step {step + 1}: {bad}; skipped (--on-nonfinite skip), {guard.skipped} skipped so far")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_since += cfg.batch_size * T
-        all_reduce(sums)
-        loss_v, ce_v, z_v = (float(x) for x in sums)
-        loss_sum, n_since = loss_sum + loss_v, n_since + 1
-        if not math.isfinite(loss_v):
-            raise FloatingPointError(f"step {step}: the loss is {loss_v}")
+        faults.point(f"step:{step}:optimizer")
         if bar is not None:
             bar.update(step, loss_v, lr, tokens_since / max(1e-9, time.perf_counter() - t_log))
         do_eval = step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-        if step % cfg.log_every == 0 or do_eval or step == 1:
+        if step % cfg.log_every == 0 or do_eval or step == 1 or bad is not None:
             dt = time.perf_counter() - t_log
             tps = tokens_since / dt
-            rec = {"step": step, "loss": loss_v, "loss_avg": loss_sum / n_since, "ce": ce_v, "z": z_v, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
-                   "tokens": sampler.position * T,
+            rec = {"step": step, "loss": loss_v, "loss_avg": loss_sum / n_since if n_since else None, "ce": ce_v, "z": z_v,
+                   "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                   "tokens": sampler.position * T, "skipped_steps": guard.skipped,
                    "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            if bad is not None:
+                rec["skipped"] = True
             if do_eval:
                 model.eval()
                 rec["val_loss"] = evaluate(model, val_data, cfg, T, device, ctx)
@@ -326,10 +362,11 @@ def train(cfg: TrainConfig) -> dict:
             if "val_loss" in rec and bar is not None:
                 bar.write(f"step {step}: val loss {rec['val_loss']:.4f}")
             t_log, tokens_since, loss_sum, n_since = time.perf_counter(), 0, 0.0, 0
+            faults.point(f"step:{step}:logged")
         if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0):
-            state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                     "train_config": cfg.to_dict(), "model_config": config_to_dict(mcfg)}
-            ckpt.save(ckpt_root, step, model, optimizer, state, keep=cfg.keep_checkpoints)
+            state = {"scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "guard": guard.state_dict(),
+                     "log_since": [loss_sum, n_since], "train_config": cfg.to_dict(), "model_config": config_to_dict(mcfg)}
+            ckpt.save(ckpt_root, step, model, optimizer, state, keep=cfg.keep_checkpoints, hook=faults.point)
     if bar is not None:
         bar.close()
     if metrics_file is not None:
@@ -355,6 +392,7 @@ def _finish(cfg: TrainConfig, out: Path, model, mcfg, data_dir: Path, last: dict
     if cfg.sample_tokens and tok.is_file():
         summary["sample"] = sample_text(plain, tok, cfg, out / "sample.txt")
     if last:
-        log(f"done: step {last['step']}, train loss {last['loss_avg']:.4f} (mean of the last {cfg.log_every} steps)"
+        avg = "none accepted" if last["loss_avg"] is None else f"{last['loss_avg']:.4f}"
+        log(f"done: step {last['step']}, train loss {avg} (mean of the last {cfg.log_every} steps)"
             + (f", val loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else "") + f"; {out}")
     return summary

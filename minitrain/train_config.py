@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, fields
@@ -64,6 +65,10 @@ class TrainConfig:
     ac_every: int = 2
     compile: bool = False  # torch.compile each decoder layer
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default; 1 is faster on a busy machine)
+    # --- fault tolerance (minitrain/guard.py)
+    on_nonfinite: str = "stop"  # skip | stop: policy for a step whose loss/grad norm is NaN/inf or whose loss spikes
+    loss_spike_factor: float = 0.0  # > 0: a loss above this × the running mean is a bad step too (0: off)
+    loss_spike_window: int = 50  # accepted steps in that running mean
     # --- output
     out: str = "runs/minitrain"
     resume: bool = False  # continue from OUT/checkpoints/latest
@@ -86,7 +91,7 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
         for name in ("max_steps", "batch_size", "grad_accum", "vocab_size", "shard_tokens", "keep_checkpoints",
-                     "log_every", "eval_batches", "ac_every", "corpus_max_bytes"):
+                     "log_every", "eval_batches", "ac_every", "corpus_max_bytes", "loss_spike_window"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -101,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.activation_checkpointing not in ("none", "full", "selective"):
             raise ValueError(f"activation_checkpointing must be none|full|selective, got {self.activation_checkpointing!r}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be skip|stop, got {self.on_nonfinite!r}")
+        if not (self.loss_spike_factor == 0 or self.loss_spike_factor >= 1) or math.isnan(self.loss_spike_factor):
+            raise ValueError(f"loss_spike_factor must be 0 (off) or >= 1, got {self.loss_spike_factor!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be auto|fp32|bf16|fp16, got {self.dtype!r}")
         if self.corpus != "stdlib" and self.data is None and not os.path.exists(self.corpus):
@@ -133,17 +142,35 @@ def _field_type(f) -> type:
     return args[0] if args else t
 
 
+_HELP = {
+    "data": "directory with manifest.json and token shards; every shard's size and sha256 are checked against "
+            "the manifest when the run opens it (a clear error naming a truncated or corrupted shard)",
+    "on_nonfinite": "skip|stop: what to do with a bad step (loss or gradient norm NaN/inf, or a loss spike): skip = no "
+                    "optimizer update (parameters and optimizer state unchanged; the batch is consumed; counted "
+                    "as skipped_steps and logged with \"skipped\": true in metrics.jsonl); stop = update and save "
+                    "nothing, exit with status 3 and the reason (the last checkpoint stays intact)",
+    "loss_spike_factor": "a loss above this factor × the mean loss of the last --loss-spike-window accepted steps "
+                         "is a bad step (handled by --on-nonfinite); 0 turns spike detection off",
+    "loss_spike_window": "accepted steps in the running mean of --loss-spike-factor",
+    "resume": "continue from OUT/checkpoints/latest, bit-exactly (model, optimizer, RNG, data position, "
+              "metrics); a checkpoint that fails its size/sha256 check is refused with an error naming the "
+              "file and the newest complete checkpoint to fall back to",
+    "save_every": "checkpoint every N steps (and at the end); 0: only at the end. Writes are atomic: a crash "
+                  "at any moment (kill -9 included) leaves OUT/checkpoints/latest naming a complete checkpoint",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per field (default None: 'not given', so a config file's value survives)."""
     p.add_argument("--config", help="TOML (or YAML) file of TrainConfig fields; flags override it")
     for f in fields(TrainConfig):
         flag, t = "--" + f.name.replace("_", "-"), _field_type(f)
         default = f.default
+        text = (_HELP[f.name] + " " if f.name in _HELP else "") + f"(default {default})"
         if t is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {default})")
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, dest=f.name, type=t, default=None, help=f"(default {default})")
+            p.add_argument(flag, dest=f.name, type=t, default=None, help=text)
 
 
 def load_config_file(path: str) -> dict[str, Any]:
