@@ -4,11 +4,13 @@ Layout of a data directory (``build_dataset`` writes it atomically: a temporary 
 
     DIR/manifest.json     {"format": "minitrain.tokens", "dtype": "uint16"|"uint32", "vocab_size", "eos_id",
                            "tokenizer": "tokenizer.model", "tokenizer_sha256",
-                           "splits": {"train": [{"file", "tokens", "documents", "sha256"}, ...], "val": [...]}}
+                           "splits": {"train": [{"file", "tokens", "documents", "sha256"}, ...], "val": [...]},
+                           "manifest_sha256": sha256 of the canonical JSON of everything else}
     DIR/train_000.bin     raw little-endian token ids, documents each followed by EOS
     DIR/tokenizer.model   the SentencePiece model the shards were encoded with
 
-Every shard's size and sha256 are verified when it is opened (a clear error on corruption).
+Every shard's size and sha256, the manifest's own digest and the tokenizer's sha256 are verified when a
+split is opened (a clear error naming the file on corruption).
 
 Packing: the token stream is cut into non-overlapping windows of ``seq_len`` tokens; documents run
 across windows. Segment ids (1 + the number of EOS tokens before a position) go to the model as its
@@ -177,6 +179,7 @@ def build_dataset(out_dir, docs: list[str], tokenizer_model: str, *, shard_token
                     "eos_id": eos, "source": source or {}, "tokenizer": "tokenizer.model",
                     "tokenizer_sha256": sha256_file(tmp / "tokenizer.model"),
                     "splits": {k: _write_split(tmp, k, v, eos, dtype, shard_tokens) for k, v in splits.items()}}
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
@@ -190,6 +193,12 @@ def build_dataset(out_dir, docs: list[str], tokenizer_model: str, *, shard_token
     return out_dir
 
 
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own digest."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(data_dir) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
@@ -198,8 +207,11 @@ def read_manifest(data_dir) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: corrupted manifest ({exc})") from None
-    if manifest.get("format") != "minitrain.tokens":
+    if not isinstance(manifest, dict) or manifest.get("format") != "minitrain.tokens":
         raise DataError(f"{path}: not a minitrain.tokens manifest")
+    # (manifests written before the digest existed have none: their shards are still checked one by one)
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+        raise DataError(f"{path} is corrupted: its content does not match its manifest_sha256 (checksum mismatch)")
     return manifest
 
 
@@ -227,6 +239,9 @@ class TokenData:
             self.shards.append(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r"))
         self.tokens = int(sum(s.size for s in self.shards))
         tok = self.dir / m.get("tokenizer", "tokenizer.model")
+        if verify and tok.is_file() and m.get("tokenizer_sha256") and sha256_file(tok) != m["tokenizer_sha256"]:
+            raise DataError(f"tokenizer {tok} is corrupted or replaced: its sha256 does not match the manifest "
+                            "(checksum mismatch; the shards were encoded with another tokenizer)")
         self.tokenizer_path = tok if tok.is_file() else None
 
     def windows(self, seq_len: int) -> list[tuple[int, int]]:

@@ -77,6 +77,30 @@ def test_corrupted_or_missing_shards_are_reported(data_dir):
         TokenData(data_dir, "val")
 
 
+def test_corrupted_manifest_or_tokenizer_is_reported(data_dir):
+    path = data_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert len(manifest["manifest_sha256"]) == 64
+    TokenData(data_dir, "train")  # intact
+    edited = dict(manifest, eos_id=manifest["eos_id"] + 1)  # valid JSON, wrong content
+    path.write_text(json.dumps(edited))
+    with pytest.raises(DataError, match="manifest.json is corrupted: .*checksum mismatch"):
+        TokenData(data_dir, "train")
+    path.write_text(json.dumps(manifest)[:-7])  # truncated
+    with pytest.raises(DataError, match="manifest.json: corrupted manifest"):
+        TokenData(data_dir, "train")
+    legacy = {k: v for k, v in manifest.items() if k != "manifest_sha256"}  # written before the digest
+    path.write_text(json.dumps(legacy))
+    TokenData(data_dir, "train")
+    path.write_text(json.dumps(manifest))
+    tok = data_dir / "tokenizer.model"
+    raw = bytearray(tok.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    tok.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="tokenizer .*tokenizer.model is corrupted or replaced"):
+        TokenData(data_dir, "val")
+
+
 def test_segment_ids_end_documents_with_their_eos():
     tokens = torch.tensor([[5, 6, 2, 7, 2, 2, 8]])
     assert segment_ids(tokens, 2).tolist() == [[1, 1, 1, 2, 2, 3, 4]]
