@@ -86,7 +86,10 @@ def _lce_stats_kernel(
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(logits - new_m[:, None]), axis=1)
         m = new_m
         tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], logits, 0.0), axis=1)
-    lse = m + tl.log(s)
+    # An infinite logit: logsumexp = +inf (as torch.logsumexp), not inf - inf = NaN. A NaN logit makes s
+    # NaN; the row max follows (the GPU max reductions skip NaN), as the reference's amax does.
+    lse = tl.where(m == float("inf"), m, m + tl.log(s))
+    m = tl.where((s != s) & (m != float("inf")), s, m)
     keep = y != ignore_index
     tl.store(CE + offs_n, tl.where(keep, lse - tgt, 0.0), mask=n_mask)
     tl.store(ROW_MAX + offs_n, tl.where(keep, m, 0.0), mask=n_mask)
