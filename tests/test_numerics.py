@@ -2,10 +2,10 @@
 range), NaN/±inf in inputs, fully masked attention rows.
 
 The contract is the float64 reference run on the same input values, rounded to the kernel's output
-dtype (:func:`assert_contract`): NaN exactly where it is NaN, ±inf exactly where it is ±inf (so an fp16
-result overflows exactly where the rounded float64 one does), and every other element finite and within
-2x the error of the same-dtype reference (which must obey the same pattern). ALiBi at long context is in
-tests/test_numerics_alibi.py.
+dtype (tests/_numerics.py assert_contract): NaN exactly where it is NaN, ±inf exactly where it is ±inf
+(so an fp16 result overflows exactly where the rounded float64 one does), and every other element finite
+and within 2x the error of the same-dtype reference (which must obey the same pattern). ALiBi at long
+context: tests/test_numerics_alibi.py.
 
 Left unspecified (not tested): a NaN/inf in v at a key a causal row does *not* attend to. The reference
 and the tiled kernels all compute 0 * NaN there in their P.V product for keys in the row's block, so
@@ -25,8 +25,9 @@ from baichuan_kernels.reference.rms_norm import rms_norm_ref
 from baichuan_kernels.reference.rope import apply_rope_ref
 from baichuan_kernels.reference.split_qkv_rope import split_qkv_rope_ref
 from baichuan_kernels.reference.swiglu import swiglu_ref
-from baichuan_kernels.testing import DTYPES, assert_within_reference_error, make_tensor, poisoned_outputs
+from baichuan_kernels.testing import DTYPES, make_tensor
 from _backends import kernel_backends
+from _numerics import assert_contract, leaves, run
 
 NAN, INF = float("nan"), float("inf")
 
@@ -36,41 +37,13 @@ def backends(op):
     return [pytest.param("cpu", "reference", id="reference")] + kernel_backends(op)
 
 
-def assert_contract(actual, same, exact64, name, inf_may_be_nan=False):
-    """``actual`` (a backend) and ``same`` (the same-dtype reference) against ``exact64`` (float64).
-    ``inf_may_be_nan``: the backend may give NaN where the reference gives ±inf (see quant_matmul)."""
-    expected = exact64.detach().cpu().to(actual.dtype)
-    for who, t in (("", actual), (" (same-dtype reference)", same)):
-        t = t.detach().cpu()
-        assert t.shape == expected.shape and t.dtype == expected.dtype, f"{name}{who}: {t.shape} {t.dtype}"
-        if inf_may_be_nan and not who:
-            bad = t.isfinite() != expected.isfinite()
-            assert not bad.any(), f"{name}: non-finite pattern differs at {bad.nonzero()[:5].tolist()}"
-            continue
-        bad_nan = t.isnan() != expected.isnan()
-        assert not bad_nan.any(), f"{name}{who}: NaN pattern differs at {bad_nan.nonzero()[:5].tolist()}"
-        inf = expected.isinf()
-        bad_inf = (t.isinf() != inf) | (inf & (t != expected))
-        assert not bad_inf.any(), f"{name}{who}: ±inf pattern differs at {bad_inf.nonzero()[:5].tolist()}"
-    fin = expected.isfinite()
-    if fin.any():
-        assert_within_reference_error(actual.detach().cpu()[fin], same.detach().cpu()[fin],
-                                      exact64.detach().cpu()[fin], name=name)
-
-
-def leaves(*tensors, dtype=None):
-    """Fresh leaf copies requiring grad (float64 when dtype is given)."""
-    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
-
-
 # ---------------------------------------------------------------------------------------------------
 # rms_norm
 
 
 def _rms_norm_check(device, backend, x, w, grads=True, seed=7):
     xs, ws = leaves(x.to(device), w.to(device))
-    with poisoned_outputs():
-        y = bk.rms_norm(xs, ws, backend=backend)
+    y = run(device, bk.rms_norm, xs, ws, backend=backend)
     xr, wr = leaves(x, w)
     yr = rms_norm_ref(xr, wr)
     x6, w6 = leaves(x, w, dtype=torch.float64)
@@ -95,6 +68,25 @@ def test_rms_norm_large_magnitude(device, backend, dtype, scale, D):
     x = make_tensor((3, D), dtype, seed=1, scale=scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     w = make_tensor((D,), dtype, seed=2, scale=0.3, offset=1.0)
     _rms_norm_check(device, backend, x, w)
+
+
+@pytest.mark.parametrize("device,backend", backends("rms_norm"))
+def test_rms_norm_large_magnitude_with_residual(device, backend):
+    """The fused residual path: s = x + residual (bf16, |s| ~ 1e37) normalised without overflow; y, s
+    and every gradient per the contract."""
+    x, r = (make_tensor((3, 300), torch.bfloat16, seed=s, scale=1e37) for s in (14, 15))
+    w = make_tensor((300,), torch.bfloat16, seed=16, offset=1.0, scale=0.3)
+    dy, ds = (make_tensor(x.shape, torch.bfloat16, seed=s) for s in (17, 18))
+    outs = {}
+    for key, dtype, dev in (("got", None, device), ("same", None, "cpu"), ("exact", torch.float64, "cpu")):
+        xs, rs, ws = leaves(*(t.to(dev) for t in (x, r, w)), dtype=dtype)
+        fn = rms_norm_ref if key != "got" else bk.rms_norm
+        extra = {"backend": backend} if key == "got" else {}
+        y, s = run(device, fn, xs, ws, residual=rs, **extra) if key == "got" else fn(xs, ws, residual=rs)
+        grads = torch.autograd.grad((y, s), (xs, ws, rs), [t.to(dev, dtype or t.dtype) for t in (dy, ds)])
+        outs[key] = (y, s, *grads)
+    for n, a, sm, e in zip(("y", "s", "dx", "dweight", "dresidual"), outs["got"], outs["same"], outs["exact"]):
+        assert_contract(a, sm, e, f"{backend} rms_norm+residual {n}")
 
 
 @pytest.mark.parametrize("device,backend", backends("rms_norm"))
@@ -132,8 +124,7 @@ def test_swiglu_saturation_and_nonfinite(device, backend, dtype):
     up[2, :3] = torch.tensor([NAN, INF, -INF], dtype=dtype)
     gate[2, 1:3] = torch.tensor([0.0, -1e-3], dtype=dtype)
     g, u = leaves(gate.to(device), up.to(device))
-    with poisoned_outputs():
-        y = bk.swiglu(g, u, backend=backend)
+    y = run(device, bk.swiglu, g, u, backend=backend)
     gr, ur = leaves(gate, up)
     yr = swiglu_ref(gr, ur)
     g6, u6 = leaves(gate, up, dtype=torch.float64)
@@ -162,8 +153,7 @@ def test_apply_rope_extremes(device, backend, dtype):
     k = make_tensor((B, T, H, Dh), dtype, seed=12)
     k[1, 4, 2, 5], k[0, 8, 0, 20], k[1, 0, 1, 0] = NAN, INF, -INF
     cos, sin = bk.rope_cos_sin(T, Dh, device="cpu")
-    with poisoned_outputs():
-        got = bk.apply_rope(q.to(device), k.to(device), cos.to(device), sin.to(device), backend=backend)
+    got = run(device, bk.apply_rope, q.to(device), k.to(device), cos.to(device), sin.to(device), backend=backend)
     same = apply_rope_ref(q, k, cos, sin)
     exact = apply_rope_ref(q.double(), k.double(), cos, sin)
     for n, a, s, e in zip("qk", got, same, exact):
@@ -178,8 +168,8 @@ def test_split_qkv_rope_extremes(device, backend, dtype):
     qkv = make_tensor((B, T, 3 * H * Dh), dtype, seed=13, scale=big / 3).clamp(-big, big)
     qkv[0, 2, 3], qkv[0, 5, H * Dh + 40], qkv[0, 6, 2 * H * Dh + 1] = NAN, INF, -INF  # in q, k, v
     cos, sin = bk.rope_cos_sin(T, Dh, device="cpu")
-    with poisoned_outputs():
-        got = bk.split_qkv_rope(qkv.to(device), cos.to(device), sin.to(device), num_heads=H, backend=backend)
+    got = run(device, bk.split_qkv_rope, qkv.to(device), cos.to(device), sin.to(device), num_heads=H,
+              backend=backend)
     same = split_qkv_rope_ref(qkv, cos, sin, num_heads=H)
     exact = split_qkv_rope_ref(qkv.double(), cos, sin, num_heads=H)
     for n, a, s, e in zip("qkv", got, same, exact):
@@ -191,10 +181,9 @@ def test_split_qkv_rope_extremes(device, backend, dtype):
 
 
 def _attention_check(device, backend, q, k, v, grads=False, seed=20, **kw):
-    qs, ks, vs = leaves(*(t.to(device) for t in (q, k, v)))
+    qs, ks, vs = (t.to(device).requires_grad_(grads) for t in (q, k, v))
     kwd = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
-    with poisoned_outputs():
-        out = bk.attention(qs, ks, vs, backend=backend, **kwd)
+    out = run(device, bk.attention, qs, ks, vs, backend=backend, **kwd)
     qr, kr, vr = leaves(q, k, v)
     outr = attention_ref(qr, kr, vr, **kw)
     q6, k6, v6 = leaves(q, k, v, dtype=torch.float64)
@@ -226,9 +215,9 @@ def test_attention_huge_logits(device, backend, dtype, logits):
     gradients are finite (no exp overflow in the recomputed probabilities)."""
     q, k, v = _peaked(dtype, logits)
     _attention_check(device, backend, q, k, v, alibi_slopes=bk.alibi_slopes(2))
-    qs, ks, vs = leaves(q, k, v)
-    out = bk.attention(qs, ks, vs, alibi_slopes=bk.alibi_slopes(2), backend=backend)
-    grads = torch.autograd.grad(out, (qs, ks, vs), make_tensor(q.shape, dtype, seed=24))
+    qs, ks, vs = leaves(*(t.to(device) for t in (q, k, v)))
+    out = run(device, bk.attention, qs, ks, vs, alibi_slopes=bk.alibi_slopes(2).to(device), backend=backend)
+    grads = torch.autograd.grad(out, (qs, ks, vs), make_tensor(q.shape, dtype, device, seed=24))
     assert all(g.isfinite().all() for g in grads)
 
 
@@ -319,8 +308,7 @@ def _decode_check(device, backend, q, kc, vc, lens, **kw):
     lens = torch.tensor(lens, dtype=torch.int32)
     args = [t.to(device) for t in (q, kc, vc, lens)]
     kwd = {n: t.to(device) for n, t in kw.items()}
-    with poisoned_outputs():
-        out = bk.decode_attention(*args, backend=backend, **kwd)
+    out = run(device, bk.decode_attention, *args, backend=backend, **kwd)
     same = decode_attention_ref(q, kc, vc, lens, **kw)
     exact = decode_attention_ref(q.double(), kc.double(), vc.double(), lens, **kw)
     assert_contract(out, same, exact, f"{backend} decode_attention")
@@ -371,16 +359,14 @@ def test_norm_head_weight_extremes(device, backend, dtype):
     w = make_tensor((7, 200), dtype, seed=80, scale=big / 4).clamp(-big, big)
     w[1] = make_tensor((200,), dtype, seed=81)
     w[2, 3], w[3, 5], w[4] = NAN, -INF, 0.0
-    ws = w.to(device).requires_grad_()
-    with poisoned_outputs():
-        got = bk.norm_head_weight(ws, backend=backend)
+    got = run(device, bk.norm_head_weight, w.to(device), backend=backend)
     assert_contract(got, norm_head_weight_ref(w), norm_head_weight_ref(w.double()), f"{backend} norm_head_weight")
 
 
 def _lce_check(device, backend, h, w, labels, reduction, grads, **kw):
     hs, ws = leaves(h.to(device), w.to(device))
-    with poisoned_outputs():
-        got = bk.linear_cross_entropy(hs, ws, labels.to(device), reduction=reduction, backend=backend, **kw)
+    got = run(device, bk.linear_cross_entropy, hs, ws, labels.to(device), reduction=reduction, backend=backend,
+              **kw)
     hr, wr = leaves(h, w)
     same = linear_cross_entropy_ref(hr, wr, labels, reduction=reduction, **kw)
     h6, w6 = leaves(h, w, dtype=torch.float64)
@@ -443,8 +429,7 @@ def test_quant_matmul_large_scales_and_nonfinite(device, backend, dtype, bits):
     qw = bk.quantize_weight(make_tensor((N, K), torch.float32, seed=96, scale=wscale), bits=bits, group_size=128)
     x = make_tensor((5, K), dtype, seed=97)
     x[1, 10], x[3, 200] = NAN, INF
-    with poisoned_outputs():
-        got = bk.quant_matmul(x.to(device), qw.to(device), backend=backend)
+    got = run(device, bk.quant_matmul, x.to(device), qw.to(device), backend=backend)
     exact = quant_matmul_ref(x.double(), qw)
     factored = bits == 4 and backend != "reference"
     assert_contract(got, quant_matmul_ref(x, qw), exact, f"{backend} quant_matmul", inf_may_be_nan=factored)

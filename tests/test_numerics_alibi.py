@@ -15,8 +15,9 @@ import torch
 
 import baichuan_kernels as bk
 from baichuan_kernels.reference.decode_attention import decode_attention_ref
-from baichuan_kernels.testing import assert_within_reference_error, make_tensor, poisoned_outputs
+from baichuan_kernels.testing import assert_within_reference_error, make_tensor
 from _backends import kernel_backends
+from _numerics import run
 
 H, DH = 40, 128
 
@@ -45,9 +46,8 @@ def test_decode_attention_alibi_long_context(device, backend, dtype, L):
     k = make_tensor((1, L, H, DH), dtype, seed=2)
     v = make_tensor((1, L, H, DH), dtype, seed=3)
     lens = torch.tensor([L], dtype=torch.int32)
-    with poisoned_outputs():
-        got = bk.decode_attention(q.to(device), k.to(device), v.to(device), lens.to(device),
-                                  alibi_slopes=slopes.to(device), backend=backend)
+    got = run(device, bk.decode_attention, q.to(device), k.to(device), v.to(device), lens.to(device),
+              alibi_slopes=slopes.to(device), backend=backend)
     same = _decode_ref(q, k, v, lens, slopes, dtype)
     exact = _decode_ref(q, k, v, lens, slopes, torch.float64)
     assert_within_reference_error(got.cpu(), same, exact, name=f"{backend} decode_attention L={L} {dtype}")
@@ -57,9 +57,8 @@ def _dense_check(device, backend, T, slopes, dtype, rows):
     """Causal ALiBi attention over T tokens; rows ``rows`` checked against the row-wise reference."""
     nh = slopes.numel()
     q, k, v = (make_tensor((1, T, nh, DH), dtype, seed=10 + i) for i in range(3))
-    with torch.no_grad(), poisoned_outputs():
-        got = bk.attention(q.to(device), k.to(device), v.to(device), alibi_slopes=slopes.to(device),
-                           backend=backend).cpu()
+    got = run(device, bk.attention, q.to(device), k.to(device), v.to(device), alibi_slopes=slopes.to(device),
+              backend=backend).cpu()
     assert got.isfinite().all()
     for i in rows:
         lens = torch.tensor([i + 1], dtype=torch.int32)
