@@ -397,6 +397,18 @@ def test_linear_cross_entropy_huge_hidden(device, backend, dtype, norm_head):
 
 
 @pytest.mark.parametrize("device,backend", backends("linear_cross_entropy"))
+def test_linear_cross_entropy_norm_head_huge_weight(device, backend):
+    """bf16 head rows near 1e30 (their fp32 norms overflow): NormHead still normalises them (the
+    kernels' 1/‖W‖ is rescaled like norm_head_weight), forward and gradients."""
+    N, D, V = 6, 64, 50
+    h = make_tensor((N, D), torch.bfloat16, seed=98, scale=3.0)
+    w = make_tensor((V, D), torch.bfloat16, seed=99, scale=1e30)
+    w[:5] = make_tensor((5, D), torch.bfloat16, seed=100)  # ordinary rows beside them
+    labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(101))
+    _lce_check(device, backend, h, w, labels, "mean", True, norm_head=True, z_loss_weight=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", backends("linear_cross_entropy"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_cross_entropy_nonfinite_rows(device, backend, dtype):
     """A NaN/inf hidden row poisons its own per-row terms (an infinite logit gives ce = +inf, as

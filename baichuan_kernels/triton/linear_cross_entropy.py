@@ -150,7 +150,10 @@ def _rinv(weight: torch.Tensor) -> torch.Tensor:
     step = max(1, (1 << 24) // max(D, 1))
     for v0 in range(0, V, step):
         w = weight[v0:v0 + step].float()
-        out[v0:v0 + step] = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_HEAD_EPS).reciprocal()
+        norm = torch.linalg.vector_norm(w, dim=1)
+        # a row whose fp32 norm overflows (bf16 weights beyond ~1.8e19): 2^-96 / ‖2^-96 W‖, as the reference
+        scaled = torch.linalg.vector_norm(w * 2.0**-96, dim=1).reciprocal() * 2.0**-96
+        out[v0:v0 + step] = torch.where(norm.isinf(), scaled, norm.clamp_min(NORM_HEAD_EPS).reciprocal())
     return out
 
 
