@@ -361,6 +361,14 @@ def test_norm_head_weight_extremes(device, backend, dtype):
     w[2, 3], w[3, 5], w[4] = NAN, -INF, 0.0
     got = run(device, bk.norm_head_weight, w.to(device), backend=backend)
     assert_contract(got, norm_head_weight_ref(w), norm_head_weight_ref(w.double()), f"{backend} norm_head_weight")
+    # gradients of the finite rows (huge and ordinary ones; the poisoned rows dropped)
+    w = w[[0, 1, 5, 6]]
+    g = make_tensor(w.shape, dtype, seed=82)
+    ws, wr, w6 = leaves(w.to(device)) + leaves(w) + leaves(w, dtype=torch.float64)
+    got = torch.autograd.grad(run(device, bk.norm_head_weight, ws, backend=backend), ws, g.to(device))[0]
+    same = torch.autograd.grad(norm_head_weight_ref(wr), wr, g)[0]
+    exact = torch.autograd.grad(norm_head_weight_ref(w6), w6, g.double())[0]
+    assert_contract(got, same, exact, f"{backend} norm_head_weight dweight")
 
 
 def _lce_check(device, backend, h, w, labels, reduction, grads, **kw):

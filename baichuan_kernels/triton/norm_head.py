@@ -67,7 +67,7 @@ def _norm_head_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         g = tl.load(G + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
         w = tl.load(W + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-        acc += g * w * r
+        acc += g * (w * r)  # Ŵ first: g · w alone overflows fp32 for rows near the bf16 range
     dot = tl.where(r < inv_eps, tl.sum(acc, axis=0), 0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

@@ -49,8 +49,9 @@ void norm_head_bwd_kernel(const scalar_t* g, const scalar_t* w, const float* rin
       const float r = rinv[v];
       const bool clamped = r >= 1.f / eps;  // ‖W‖ <= eps: constant divisor
       float dot = 0.f;                       // g · Ŵ
+      // Ŵ = W · r first: g · W alone overflows fp32 for rows near the bf16 range.
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < D; ++j) dot += static_cast<float>(gr[j]) * static_cast<float>(wr[j]) * r;
+      for (int64_t j = 0; j < D; ++j) dot += static_cast<float>(gr[j]) * (static_cast<float>(wr[j]) * r);
       if (clamped) dot = 0.f;
       scalar_t* o = dw + v * D;
 #pragma omp simd

@@ -56,7 +56,8 @@ norm_head_bwd_kernel(const T* __restrict__ g, const T* __restrict__ w, const flo
   const int64_t off = static_cast<int64_t>(blockIdx.x) * D;
   const float r = rinv[blockIdx.x];
   float dot = 0.f;
-  for (int j = threadIdx.x; j < D; j += blockDim.x) dot += to_float(g[off + j]) * to_float(w[off + j]) * r;
+  // Ŵ = W · r first: g · W alone overflows fp32 for rows near the bf16 range.
+  for (int j = threadIdx.x; j < D; j += blockDim.x) dot += to_float(g[off + j]) * (to_float(w[off + j]) * r);
   dot = cuda::group_reduce_sum(dot, smem);
   if (!(r < inv_eps)) dot = 0.f;  // ‖W‖ <= eps: the divisor is the constant eps
   for (int j = threadIdx.x; j < D; j += blockDim.x)
