@@ -4,6 +4,7 @@ that may hold NaN/±inf, and running an op where a GPU backend may decline the i
 import pytest
 
 from baichuan_kernels.testing import assert_within_reference_error, poisoned_outputs
+from _backends import kernel_backends
 
 
 def assert_contract(actual, same, exact64, name, inf_may_be_nan=False):
@@ -43,3 +44,8 @@ def run(device, op, *args, **kwargs):
 def leaves(*tensors, dtype=None):
     """Fresh leaf copies requiring grad (float64 when dtype is given)."""
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def backends(op):
+    """Every backend of ``op`` here: the reference (it must obey the contract too) and the kernels."""
+    return [pytest.param("cpu", "reference", id="reference")] + kernel_backends(op)
