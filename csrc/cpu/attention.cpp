@@ -173,11 +173,15 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         for (int64_t i = 0; i < nm; ++i) {
           float* si = s.data() + i * BLOCK_N;
           float mx = m[i];
-          // NaN-propagating max (std::max would skip a NaN score and hide it).
-          for (int64_t j = 0; j < nn; ++j) mx = (si[j] > mx || si[j] != si[j]) ? si[j] : mx;
-          if (mx == neg_inf) {  // nothing allowed in this block for this row
-            std::fill(si, si + nn, 0.f);
-            continue;
+          for (int64_t j = 0; j < nn; ++j) mx = std::max(mx, si[j]);  // skips NaN: exp_shifted keeps it
+          if (mx == neg_inf) {
+            bool nan = false;  // rare path: a block whose scores are all -inf or NaN (e.g. a NaN q row)
+            for (int64_t j = 0; j < nn; ++j) nan |= si[j] != si[j];
+            if (!nan) {  // nothing allowed in this block for this row
+              std::fill(si, si + nn, 0.f);
+              continue;
+            }
+            mx = std::numeric_limits<float>::quiet_NaN();  // the row's result is NaN, as in the reference
           }
           const float alpha = std::exp(m[i] - mx);  // 0 when m[i] was -inf
           exp_shifted(si, nn, mx);
