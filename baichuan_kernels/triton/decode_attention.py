@@ -69,8 +69,10 @@ def _decode_split_kernel(
             s += slope2 * (offs_n - (L - 1)).to(tl.float32)
         s = tl.where(n_mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
+        # every score so far -inf (masked, or -inf by value): shift by 0 so p = alpha = 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use)
         l_i = l_i * alpha + tl.sum(p, 0)
         v = tl.load(V + offs, mask=n_mask[:, None], other=0.0).to(tl.float32)
         p_r = cast_to(p, V.dtype.element_ty).to(tl.float32)

@@ -86,7 +86,10 @@ def _lce_stats_kernel(
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(logits - new_m[:, None]), axis=1)
         m = new_m
         tgt += tl.sum(tl.where(offs_v[None, :] == y[:, None], logits, 0.0), axis=1)
-    lse = m + tl.log(s)
+    # An infinite logit: logsumexp = +inf (as torch.logsumexp), not inf - inf = NaN. A NaN logit makes s
+    # NaN; the row max follows (the GPU max reductions skip NaN), as the reference's amax does.
+    lse = tl.where(m == float("inf"), m, m + tl.log(s))
+    m = tl.where((s != s) & (m != float("inf")), s, m)
     keep = y != ignore_index
     tl.store(CE + offs_n, tl.where(keep, lse - tgt, 0.0), mask=n_mask)
     tl.store(ROW_MAX + offs_n, tl.where(keep, m, 0.0), mask=n_mask)
@@ -147,7 +150,10 @@ def _rinv(weight: torch.Tensor) -> torch.Tensor:
     step = max(1, (1 << 24) // max(D, 1))
     for v0 in range(0, V, step):
         w = weight[v0:v0 + step].float()
-        out[v0:v0 + step] = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_HEAD_EPS).reciprocal()
+        norm = torch.linalg.vector_norm(w, dim=1)
+        # a row whose fp32 norm overflows (bf16 weights beyond ~1.8e19): 2^-96 / ‖2^-96 W‖, as the reference
+        scaled = torch.linalg.vector_norm(w * 2.0**-96, dim=1).reciprocal() * 2.0**-96
+        out[v0:v0 + step] = torch.where(norm.isinf(), scaled, norm.clamp_min(NORM_HEAD_EPS).reciprocal())
     return out
 
 

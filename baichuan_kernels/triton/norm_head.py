@@ -32,7 +32,18 @@ def _norm_head_fwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         w = tl.load(W + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
         ss += w * w
-    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), eps)
+    total = tl.sum(ss, axis=0)
+    # ‖W[v]‖ beyond ~1.8e19 overflows the fp32 sum of squares (bf16 weights reach 3.4e38): recompute it
+    # on the row scaled by 2^-96 (exact), as the reference does, instead of giving Ŵ = 0.
+    f = tl.where(total == float("inf"), 1.262177448353619e-29, 1.0)
+    if total == float("inf"):
+        ss = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            w = tl.load(W + row * D + cols, mask=cols < D, other=0.0).to(tl.float32) * f
+            ss += w * w
+        total = tl.sum(ss, axis=0)
+    r = f / tl.maximum(tl.sqrt(total), eps * f)
     tl.store(RINV + row, r)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -56,7 +67,7 @@ def _norm_head_bwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         g = tl.load(G + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
         w = tl.load(W + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
-        acc += g * w * r
+        acc += g * (w * r)  # Ŵ first: g · w alone overflows fp32 for rows near the bf16 range
     dot = tl.where(r < inv_eps, tl.sum(acc, axis=0), 0.0)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

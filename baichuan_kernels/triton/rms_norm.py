@@ -48,7 +48,13 @@ def _rms_norm_fwd_kernel(
         s_stored = cast_to(s, RES_OUT.dtype.element_ty)
         tl.store(RES_OUT + offs, s_stored, mask=mask)
         s = s_stored.to(tl.float32)  # normalise exactly the value the next layer sees
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / D + eps)
+    ss = tl.sum(s * s, axis=0)
+    # |s| beyond ~1.8e19 (bf16/fp32) overflows the fp32 sum of squares: recompute it on the row scaled
+    # by 2^-96 (exact), as the reference does, so y stays w·s/rms instead of 0. f = 1 otherwise.
+    f = tl.where(ss == float("inf"), 1.262177448353619e-29, 1.0)
+    if ss == float("inf"):
+        ss = tl.sum((s * f) * (s * f), axis=0)
+    rstd = f / tl.sqrt(ss / D + eps * f * f)
     tl.store(RSTD + row, rstd)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + offs, cast_to(s * rstd * w, Y.dtype.element_ty), mask=mask)

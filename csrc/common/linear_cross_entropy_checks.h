@@ -88,15 +88,21 @@ struct LceRows {
   int64_t* argmax;         // [rows] first index of the max (0 at ignored rows)
 };
 
-// rinv [V] fp32 = 1 / max(‖W[v]‖₂, eps), computed in chunks of rows (no full fp32 copy of W).
+// rinv [V] fp32 = 1 / max(‖W[v]‖₂, eps), computed in chunks of rows (no full fp32 copy of W). A row
+// whose fp32 norm overflows (bf16 weights beyond ~1.8e19) takes 2^-96 / ‖2^-96 W[v]‖, as the reference
+// (norm_head_weight_ref) does, instead of rinv = 0.
 inline at::Tensor lce_row_rinv(const at::Tensor& weight) {
+  constexpr float kScale = 1.2621774483536189e-29f;  // 2^-96
   const int64_t V = weight.size(0), D = weight.size(1);
   at::Tensor rinv = at::empty({V}, weight.options().dtype(at::kFloat));
   const int64_t step = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(D, 1));
   for (int64_t v0 = 0; v0 < V; v0 += step) {
     const int64_t n = std::min(step, V - v0);
     at::Tensor w = weight.narrow(0, v0, n).to(at::kFloat);
-    rinv.narrow(0, v0, n).copy_(at::linalg_vector_norm(w, 2, {1}, false, c10::nullopt).clamp_min(kNormHeadEps).reciprocal());
+    const at::Tensor norm = at::linalg_vector_norm(w, 2, {1}, false, c10::nullopt);
+    const at::Tensor scaled = at::linalg_vector_norm(w * kScale, 2, {1}, false, c10::nullopt);
+    rinv.narrow(0, v0, n).copy_(
+        at::where(norm.isinf(), scaled.reciprocal() * kScale, norm.clamp_min(kNormHeadEps).reciprocal()));
   }
   return rinv;
 }

@@ -42,7 +42,8 @@ inline void load_rows(const scalar_t* src, int64_t row0, int64_t n, int64_t h, i
 
 // x[j] = exp(x[j] - shift) for j < n without libm calls: Cephes-style range reduction
 // exp(v) = 2^k · exp(r), |r| <= ln2/2, degree-6 polynomial (about 1 ulp); v <= -87.33 (including -inf)
-// gives exactly 0. Attention only needs v <= 0. (GCC 12 keeps this loop scalar under the default
+// gives exactly 0, NaN stays NaN (a NaN score must poison its row, as in the reference). Attention
+// only needs v <= 0. (GCC 12 keeps this loop scalar under the default
 // -ftrapping-math: its float selects count as control flow; -fno-trapping-math would vectorise it.)
 inline void exp_shifted(float* x, int64_t n, float shift) {
 #pragma omp simd
@@ -61,7 +62,7 @@ inline void exp_shifted(float* x, int64_t n, float shift) {
     p = p * r + 5.0000001201e-1f;
     const float e = p * r * r + r + 1.f;
     const float y = e * __builtin_bit_cast(float, (ki + 127) << 23);
-    x[j] = v0 > -87.33f ? y : 0.f;
+    x[j] = v0 > -87.33f ? y : (v0 != v0 ? v0 : 0.f);
   }
 }
 
@@ -171,10 +172,15 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         for (int64_t i = 0; i < nm; ++i) {
           float* si = s.data() + i * BLOCK_N;
           float mx = m[i];
-          for (int64_t j = 0; j < nn; ++j) mx = std::max(mx, si[j]);
-          if (mx == neg_inf) {  // nothing allowed in this block for this row
-            std::fill(si, si + nn, 0.f);
-            continue;
+          for (int64_t j = 0; j < nn; ++j) mx = std::max(mx, si[j]);  // skips NaN: exp_shifted keeps it
+          if (mx == neg_inf) {
+            bool nan = false;  // rare path: a block whose scores are all -inf or NaN (e.g. a NaN q row)
+            for (int64_t j = 0; j < nn; ++j) nan |= si[j] != si[j];
+            if (!nan) {  // nothing allowed in this block for this row
+              std::fill(si, si + nn, 0.f);
+              continue;
+            }
+            mx = std::numeric_limits<float>::quiet_NaN();  // the row's result is NaN, as in the reference
           }
           const float alpha = std::exp(m[i] - mx);  // 0 when m[i] was -inf
           exp_shifted(si, nn, mx);
@@ -195,12 +201,12 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       for (int64_t i = 0; i < nm; ++i) {
         const int64_t row = it.start + it.m0 + i;
         scalar_t* o = op + (row * H + h) * Dh;
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        const float inv = l[i] == 0.f ? 0.f : 1.f / l[i];  // l = 0: no allowed key; l = NaN stays NaN
         const float* ai = acc.data() + i * Dh;
 #pragma omp simd
         for (int64_t c = 0; c < Dh; ++c) o[c] = static_cast<scalar_t>(ai[c] * inv);
         // A row with no allowed key: lse = +inf makes every recomputed probability 0 in the backward.
-        lp[h * total + row] = l[i] > 0.f ? m[i] + std::log(l[i]) : std::numeric_limits<float>::infinity();
+        lp[h * total + row] = l[i] == 0.f ? std::numeric_limits<float>::infinity() : m[i] + std::log(l[i]);
       }
     }
   });

@@ -33,13 +33,18 @@ void lce_row(const LceRows& a, int64_t i) {
     if (l[v] > m) {
       m = l[v];
       am = v;
+    } else if (l[v] != l[v]) {  // a NaN logit: the max (and z) is NaN, as the reference's amax
+      m = l[v];
+      am = v;
+      break;
     }
   }
   // Sum of exp in fp64 (a 125,696-term fp32 running sum would lose ~1e-5 relative).
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t v = 0; v < V; ++v) s += static_cast<double>(std::exp(l[v] - m));
-  const float lse = m + static_cast<float>(std::log(s));
+  // m = +inf (an infinite logit): logsumexp is +inf, as torch.logsumexp gives (inf - inf would be NaN).
+  const float lse = m == std::numeric_limits<float>::infinity() ? m : m + static_cast<float>(std::log(s));
   a.ce[i] = keep ? lse - l[y] : 0.f;
   a.row_max[i] = keep ? m : 0.f;
   a.argmax[i] = keep ? am : 0;

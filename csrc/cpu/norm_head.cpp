@@ -1,4 +1,5 @@
-// NormHead on the CPU: Ŵ[v] = W[v] / max(‖W[v]‖₂, eps) and its backward, fp32/fp16/bf16, fp32 math.
+// NormHead on the CPU: Ŵ[v] = W[v] / max(‖W[v]‖₂, eps) and its backward, fp32/fp16/bf16, fp32 math
+// (the row's sum of squares in fp64).
 //
 // Rows are spread over threads with at::parallel_for; each row is one pass for the sum of squares and
 // one for the output (`#pragma omp simd` inner loops). The backward of a row is
@@ -23,10 +24,12 @@ void norm_head_fwd_kernel(const scalar_t* w, scalar_t* out, float* rinv, int64_t
   at::parallel_for(0, V, grain, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) {
       const scalar_t* row = w + v * D;
-      float ss = 0.f;
+      // fp64 sum of squares: an fp32 one overflows once ‖W[v]‖ > ~1.8e19 (bf16 weights reach 3.4e38)
+      // and would give Ŵ = 0; 1 / ‖W‖ itself fits fp32 (down to its subnormals).
+      double ss = 0.0;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < D; ++j) ss += static_cast<float>(row[j]) * static_cast<float>(row[j]);
-      const float r = 1.f / std::max(std::sqrt(ss), eps);
+      for (int64_t j = 0; j < D; ++j) ss += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+      const float r = static_cast<float>(1.0 / std::max(std::sqrt(ss), static_cast<double>(eps)));
       rinv[v] = r;
       scalar_t* o = out + v * D;
 #pragma omp simd
@@ -46,8 +49,9 @@ void norm_head_bwd_kernel(const scalar_t* g, const scalar_t* w, const float* rin
       const float r = rinv[v];
       const bool clamped = r >= 1.f / eps;  // ‖W‖ <= eps: constant divisor
       float dot = 0.f;                       // g · Ŵ
+      // Ŵ = W · r first: g · W alone overflows fp32 for rows near the bf16 range.
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < D; ++j) dot += static_cast<float>(gr[j]) * static_cast<float>(wr[j]) * r;
+      for (int64_t j = 0; j < D; ++j) dot += static_cast<float>(gr[j]) * (static_cast<float>(wr[j]) * r);
       if (clamped) dot = 0.f;
       scalar_t* o = dw + v * D;
 #pragma omp simd

@@ -288,10 +288,10 @@ attention_fwd_kernel(const uint16_t* __restrict__ q,      // [total_T, H, DH]
     for (int hf = 0; hf < 2; ++hf) {
       const float l = quad_sum(l_run[2 * mt + hf]);
       const int i = wm0 + mt * 16 + hf * 8 + g;
-      inv[hf] = l > 0.0f ? 1.0f / l : 0.0f;
+      inv[hf] = l == 0.0f ? 0.0f : 1.0f / l;  // l = 0: no allowed key; a NaN l (NaN score) stays NaN
       if (c == 0 && i < len)
         lse[static_cast<int64_t>(h) * total_T + start + i] =
-            l > 0.0f ? (m_run[2 * mt + hf] + log2f(l)) * kLn2 : INFINITY;  // +inf like the CPU/Triton kernels: exp(s - lse) = 0 in a backward
+            l == 0.0f ? INFINITY : (m_run[2 * mt + hf] + log2f(l)) * kLn2;  // +inf like the CPU/Triton kernels: exp(s - lse) = 0 in a backward
     }
 #pragma unroll
     for (int t = 0; t < kDT; ++t) {

@@ -138,9 +138,10 @@ decode_split_kernel(const T* __restrict__ q,              // [B, H, DH]
   float mx = -INFINITY;
   for (int i = threadIdx.x; i < j1 - j0; i += kThreads) mx = fmaxf(mx, s_p[i]);
   mx = block_reduce<true>(mx, s_red);
+  const float shift = mx == -INFINITY ? 0.0f : mx;  // every score -inf (by value): p = 0, not NaN
   float sum = 0.0f;
   for (int i = threadIdx.x; i < j1 - j0; i += kThreads) {
-    const float p = exp2f(s_p[i] - mx);
+    const float p = exp2f(s_p[i] - shift);
     s_p[i] = p;
     sum += p;
   }
@@ -173,7 +174,7 @@ decode_split_kernel(const T* __restrict__ q,              // [B, H, DH]
 #pragma unroll
     for (int gi = 0; gi < KPP; ++gi) a += s_acc[gi][d];
     if (splits == 1) {
-      out[bh * DH + d] = T(a / sum);  // sum >= 1: the max key contributes 2^0
+      out[bh * DH + d] = T(sum == 0.0f ? 0.0f : a / sum);  // sum = 0 only when every score is -inf
     } else {
       part_acc[(bh * splits + split) * DH + d] = a;
       if (d == 0) {
@@ -203,13 +204,14 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [B, H, splits, DH]
   const float* ml = part_ml + bh * splits * 2;
   float m = -INFINITY;
   for (int s = 0; s < ns; ++s) m = fmaxf(m, ml[2 * s]);
+  if (m == -INFINITY) m = 0.0f;  // every score -inf (by value): all partials are 0
   float l = 0.0f, a = 0.0f;
   for (int s = 0; s < ns; ++s) {
     const float w = exp2f(ml[2 * s] - m);
     l = fmaf(ml[2 * s + 1], w, l);
     a = fmaf(part_acc[(bh * splits + s) * DH + d], w, a);
   }
-  out[bh * DH + d] = T(a / l);
+  out[bh * DH + d] = T(l == 0.0f ? 0.0f : a / l);
 }
 
 template <typename T, int DH>

@@ -82,10 +82,13 @@ __global__ void __launch_bounds__(kRowThreads) lce_row_kernel(LceRows a) {
   float s = 0.f;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += expf(l[v] - m);
   s = cuda::group_reduce_sum(s, s_sum);  // ends with a barrier: every thread has read l[y]
-  const float lse = m + logf(s);
+  // An infinite logit: lse = +inf (torch.logsumexp), not inf - inf = NaN. A NaN logit (skipped by the
+  // max above) makes s NaN: the row max follows, as the reference's amax.
+  const float lse = m == INFINITY ? m : m + logf(s);
+  const float zmax = (s != s && m != INFINITY) ? s : m;
   if (threadIdx.x == 0) {
     a.ce[row] = keep ? lse - target : 0.f;
-    a.row_max[row] = keep ? m : 0.f;
+    a.row_max[row] = keep ? zmax : 0.f;
     a.argmax[row] = keep ? best_i : 0;
   }
   if (!a.grad) return;

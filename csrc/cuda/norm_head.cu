@@ -33,7 +33,17 @@ norm_head_fwd_kernel(const T* __restrict__ w, T* __restrict__ out, float* __rest
     const float x = to_float(w[off + j]);
     ss += x * x;
   }
-  const float r = 1.f / fmaxf(sqrtf(cuda::group_reduce_sum(ss, smem)), eps);
+  float total = cuda::group_reduce_sum(ss, smem), f = 1.f;
+  if (total == INFINITY) {  // ‖W[v]‖ beyond ~1.8e19 (bf16 weights): sum again scaled by 2^-96 (exact), as
+    ss = 0.f;               // the reference does, instead of giving Ŵ = 0 (uniform: one row per block)
+    f = 1.2621774483536189e-29f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+      const float x = to_float(w[off + j]) * f;
+      ss += x * x;
+    }
+    total = cuda::group_reduce_sum(ss, smem);
+  }
+  const float r = f / fmaxf(sqrtf(total), eps * f);
   if (threadIdx.x == 0) rinv[blockIdx.x] = r;
   for (int j = threadIdx.x; j < D; j += blockDim.x) out[off + j] = from_float<T>(to_float(w[off + j]) * r);
 }
@@ -46,7 +56,8 @@ norm_head_bwd_kernel(const T* __restrict__ g, const T* __restrict__ w, const flo
   const int64_t off = static_cast<int64_t>(blockIdx.x) * D;
   const float r = rinv[blockIdx.x];
   float dot = 0.f;
-  for (int j = threadIdx.x; j < D; j += blockDim.x) dot += to_float(g[off + j]) * to_float(w[off + j]) * r;
+  // Ŵ = W · r first: g · W alone overflows fp32 for rows near the bf16 range.
+  for (int j = threadIdx.x; j < D; j += blockDim.x) dot += to_float(g[off + j]) * (to_float(w[off + j]) * r);
   dot = cuda::group_reduce_sum(dot, smem);
   if (!(r < inv_eps)) dot = 0.f;  // ‖W‖ <= eps: the divisor is the constant eps
   for (int j = threadIdx.x; j < D; j += blockDim.x)

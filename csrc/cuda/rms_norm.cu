@@ -6,6 +6,8 @@
 // Forward, one row per "row group" of TPR threads (threadIdx.x), RPB rows per block (threadIdx.y):
 //   s = x (+ residual, added in fp32 and rounded to the dtype -> residual_out)
 //   r = rsqrt(sum(s^2) / D + eps)                    (group reduction: warp shuffles + shared memory)
+//   (a row whose fp32 sum of squares overflows, |s| beyond ~1.8e19, is summed again scaled by 2^-96:
+//   r = 2^-96 * rsqrt(sum((2^-96 s)^2) / D + eps * 2^-192), as the reference does, not r = 0)
 //   y = (s * r) * w                                  (fp32, rounded once)
 // Backward (xhat = s * r, g = dy * w, all fp32):
 //   dx = r * (g - xhat * sum(g * xhat) / D) (+ dresidual_out), rounded once
@@ -54,6 +56,7 @@ using cuda::to_float;
 
 // Row-in-registers kernels: packs per thread and the thread limit per row. The launch bound of 512
 // threads leaves up to 128 registers per thread (forward uses ~60-85, backward ~100, no spills).
+constexpr float kOverflowScale = 1.2621774483536189e-29f;  // 2^-96: rows whose sum of squares overflows
 constexpr int kFwdVecs = 4;
 constexpr int kFwdMaxThreads = 512;
 constexpr int kBwdVecs = 2;
@@ -131,7 +134,20 @@ rms_norm_fwd_kernel(const T* __restrict__ x,         // [N, D]
 #pragma unroll
     for (int e = 0; e < VW; ++e) sumsq += to_float(s[k].v[e]) * to_float(s[k].v[e]);
   }
-  const float r = rsqrtf(group_reduce_sum(sumsq, smem) / static_cast<float>(D) + eps);
+  float total = group_reduce_sum(sumsq, smem), f = 1.0f;
+  if (__syncthreads_or(total == INFINITY)) {  // block-uniform: the reduction below has barriers
+    float sc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kFwdVecs; ++k)
+#pragma unroll
+      for (int e = 0; e < VW; ++e) {
+        const float t = to_float(s[k].v[e]) * kOverflowScale;
+        sc += t * t;
+      }
+    sc = group_reduce_sum(sc, smem);
+    if (total == INFINITY) total = sc, f = kOverflowScale;
+  }
+  const float r = f * rsqrtf(total / static_cast<float>(D) + eps * f * f);
   if (!valid) return;  // no barrier below
   if (threadIdx.x == 0) rstd[row] = r;
 #pragma unroll
@@ -163,7 +179,23 @@ rms_norm_fwd_rowloop_kernel(const T* __restrict__ x, const T* __restrict__ resid
       for (int e = 0; e < VW; ++e) sumsq += to_float(sv.v[e]) * to_float(sv.v[e]);
     }
   }
-  const float r = rsqrtf(group_reduce_sum(sumsq, smem) / static_cast<float>(D) + eps);
+  float total = group_reduce_sum(sumsq, smem), f = 1.0f;
+  if (__syncthreads_or(total == INFINITY)) {  // block-uniform: the reduction below has barriers
+    float sc = 0.0f;
+    if (valid) {
+      for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const Pack<T, VW> sv = load_s<T, VW>(x + off, res, i * VW);
+#pragma unroll
+        for (int e = 0; e < VW; ++e) {
+          const float t = to_float(sv.v[e]) * kOverflowScale;
+          sc += t * t;
+        }
+      }
+    }
+    sc = group_reduce_sum(sc, smem);
+    if (total == INFINITY) total = sc, f = kOverflowScale;
+  }
+  const float r = f * rsqrtf(total / static_cast<float>(D) + eps * f * f);
   if (!valid) return;
   if (threadIdx.x == 0) rstd[row] = r;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x)
