@@ -15,16 +15,14 @@ Everything is deterministic: :func:`fuzz_settings` derandomizes hypothesis and k
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-import baichuan_kernels as bk
 from baichuan_kernels.testing import DTYPES, assert_within_reference_error, make_tensor, poisoned_outputs
 from _backends import DEVICES, kernel_backends
 
@@ -170,7 +168,9 @@ def expect_rejection(call: Callable[[], object], arg: str, *, what: str = "") ->
         assert _names_argument(str(exc), arg), f"{what}: the error does not name {arg!r}: {type(exc).__name__}: {exc}"
         return
     except Exception as exc:  # noqa: BLE001 — any other exception is the bug we look for
-        raise AssertionError(f"{what}: expected ValueError/TypeError naming {arg!r}, got {type(exc).__name__}: {exc}") from exc
+        raise AssertionError(
+            f"{what}: expected ValueError/TypeError naming {arg!r}, got {type(exc).__name__}: {exc}"
+        ) from exc
     raise AssertionError(f"{what}: accepted an input that must be rejected (naming {arg!r})")
 
 
@@ -266,12 +266,3 @@ def describe(**parts) -> str:
 def meta_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor like ``t`` on the meta device: the stand-in for 'another device' without a GPU."""
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-
-def other_device() -> str:
-    """A device other than the CPU that tensors can live on here: cuda when present, else meta."""
-    return "cuda" if torch.cuda.is_available() else "meta"
-
-
-def numel(shape: Iterable[int]) -> int:
-    return math.prod(shape)

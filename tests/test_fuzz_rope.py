@@ -26,7 +26,8 @@ def tables(draw, T, Dh):
     """cos/sin with S >= T rows (or fewer: then position_ids pick rows), any float dtype and layout."""
     S = max(T, 1) + draw(st.integers(0, 3))
     positions = draw(st.sampled_from([None, torch.int32, torch.int64]))
-    return dict(S=S, offset=draw(st.integers(0, 5000)), table_dtype=draw(st.sampled_from([torch.float32] * 3 + [torch.bfloat16, torch.float64])),
+    table_dtype = draw(st.sampled_from([torch.float32] * 3 + [torch.bfloat16, torch.float64]))
+    return dict(S=S, offset=draw(st.integers(0, 5000)), table_dtype=table_dtype,
                 table_layouts=(draw(layouts), draw(layouts)), positions=positions, pos_layout=draw(layouts))
 
 
@@ -54,7 +55,7 @@ def apply_rope_cases(draw):
 
 
 def _apply_rope_case(device, backend, c):
-    (B, T, H, Dh), dtype, seed = c["shape"], c["dtype"], c["seed"]
+    (B, T, _, Dh), dtype, seed = c["shape"], c["dtype"], c["seed"]
     q = tensor(c["shape"], dtype, device, seed=seed, layout=c["layouts"][0], requires_grad=True)
     k = tensor(c["shape"], dtype, device, seed=seed + 1, layout=c["layouts"][1], scale=3.0, requires_grad=True)
     cos, sin, pos = _make_tables(device, Dh, B, T, c["tables"], seed)
