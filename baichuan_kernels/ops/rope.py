@@ -237,6 +237,13 @@ def apply_rope_(
     have no autograd (with grad-requiring inputs ``"auto"`` runs the reference, whose in-place copy
     autograd tracks)."""
     _check_apply_rope(q, k, cos, sin, position_ids)
+    if not torch.compiler.is_compiling():
+        for name, t in (("q", q), ("k", k)):
+            if torch._debug_has_internal_overlap(t) == 1:  # 1: certain overlap (a stride 0 over size > 1)
+                raise ValueError(
+                    f"{name} has elements that share memory (e.g. an expanded view, stride {tuple(t.stride())}): "
+                    "it cannot be rotated in place; pass a dense tensor, or use apply_rope"
+                )
     chosen = registry.resolve(
         "apply_rope_", backend, (q, k, cos, sin, position_ids), q, k, cos, sin, position_ids=position_ids
     )
