@@ -2,6 +2,7 @@
 max_seqlen), decode_attention and alibi_slopes: random shapes (0/1-sized dims included), dtypes and
 layouts on every backend; bad inputs rejected with errors that name the argument."""
 
+import itertools
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def _attention_case(device, backend, c):
     slopes = _slopes(c["slopes"], H, device)
     cu = None
     if c["lengths"] is not None:
-        cu = torch.tensor([0] + list(itertools_accumulate(c["lengths"])), dtype=torch.int32, device=device)
+        cu = torch.tensor([0] + list(itertools.accumulate(c["lengths"])), dtype=torch.int32, device=device)
     kw = dict(causal=c["causal"], alibi_slopes=slopes, softmax_scale=c["scale"], cu_seqlens=cu,
               max_seqlen=c["max_seqlen"])
     what = describe(backend=backend, q=q, k=k, v=v, cu_seqlens=None if cu is None else cu.tolist(), **{
@@ -114,13 +115,6 @@ def _flash_rounding_atol(c, q, k, v, slopes, out, dout):
             "k": scale * delta * float(q64.max()) * L + 4e-7}
 
 
-def itertools_accumulate(xs):
-    total = 0
-    for x in xs:
-        total += x
-        yield total
-
-
 @pytest.mark.parametrize("device,backend", fuzz_backends("attention"))
 def test_attention_fuzz(device, backend):
     @fuzz_settings(examples_for(backend, kernel=80, triton=30, reference=30))
@@ -148,8 +142,8 @@ def test_attention_bad_inputs(device, backend):
     expect_rejection(f(q, k, v, softmax_scale=0.0), "softmax_scale", what="zero scale")
     expect_rejection(f(q, k, v, softmax_scale=-1.0), "softmax_scale", what="negative scale")
     expect_rejection(f(q, k, v, softmax_scale=math.nan), "softmax_scale", what="NaN scale")
-    expect_rejection(f(q, k, v, alibi_slopes=torch.ones(3)), "alibi_slopes", what="slopes shape")
-    expect_rejection(f(q, k, v, alibi_slopes=torch.ones(2, dtype=torch.bfloat16)), "alibi_slopes",
+    expect_rejection(f(q, k, v, alibi_slopes=torch.ones(3, device=device)), "alibi_slopes", what="slopes shape")
+    expect_rejection(f(q, k, v, alibi_slopes=torch.ones(2, dtype=torch.bfloat16, device=device)), "alibi_slopes",
                      what="bf16 slopes")
     expect_rejection(f(q, k, v, alibi_slopes=meta_like(torch.ones(2))), "alibi_slopes", what="slopes elsewhere")
     expect_rejection(f(q, k, v, max_seqlen=5), "max_seqlen", what="max_seqlen without cu_seqlens")
@@ -158,10 +152,10 @@ def test_attention_bad_inputs(device, backend):
         (cu.float(), "float cu_seqlens"),
         (cu[None], "2-D cu_seqlens"),
         (cu[:1], "one entry"),
-        (torch.tensor([0, 6, 4, 10], dtype=torch.int32), "not monotone"),
-        (torch.tensor([1, 4, 10], dtype=torch.int32), "not starting at 0"),
-        (torch.tensor([0, 4, 9], dtype=torch.int32), "total short of total_T"),
-        (torch.tensor([0, 4, 11], dtype=torch.int32), "total past total_T"),
+        (torch.tensor([0, 6, 4, 10], dtype=torch.int32, device=device), "not monotone"),
+        (torch.tensor([1, 4, 10], dtype=torch.int32, device=device), "not starting at 0"),
+        (torch.tensor([0, 4, 9], dtype=torch.int32, device=device), "total short of total_T"),
+        (torch.tensor([0, 4, 11], dtype=torch.int32, device=device), "total past total_T"),
         (meta_like(cu), "cu_seqlens on another device"),
     ):
         expect_rejection(f(p, p, p, cu_seqlens=bad), "cu_seqlens", what=why)
@@ -170,7 +164,7 @@ def test_attention_bad_inputs(device, backend):
     expect_rejection(f(p, p, p, cu_seqlens=cu, max_seqlen=6.0), "max_seqlen", what="float max_seqlen")
     if backend != "reference":
         expect_rejection(f(q.double(), k.double(), v.double()), "backend", what="float64 on a kernel backend")
-        s = torch.ones(2, requires_grad=True)
+        s = torch.ones(2, device=device, requires_grad=True)
         expect_rejection(f(q, k, v, alibi_slopes=s), "backend", what="slopes requiring grad on a kernel")
 
 
@@ -244,7 +238,7 @@ def test_decode_attention_bad_inputs(device, backend):
     expect_rejection(f(q, kc, vc, lens[:1]), "cache_seqlens", what="cache_seqlens shape")
     expect_rejection(f(q, kc, vc, lens + 1), "cache_seqlens", what="cache_seqlens past S_max")
     expect_rejection(f(q, kc, vc, lens - 4), "cache_seqlens", what="negative cache_seqlens")
-    expect_rejection(f(q, kc, vc, lens, alibi_slopes=torch.ones(1)), "alibi_slopes", what="slopes shape")
+    expect_rejection(f(q, kc, vc, lens, alibi_slopes=torch.ones(1, device=device)), "alibi_slopes", what="slopes shape")
     expect_rejection(f(q, kc, vc, lens, softmax_scale=-2.0), "softmax_scale", what="negative scale")
     if backend != "reference":
         expect_rejection(f(q.double(), kc.double(), vc.double(), lens), "backend", what="float64 on a kernel")

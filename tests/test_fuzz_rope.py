@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 import baichuan_kernels as bk
 from baichuan_kernels.reference.rope import apply_rope_ref, rope_cos_sin_ref
 from baichuan_kernels.reference.split_qkv_rope import split_qkv_rope_ref
+from baichuan_kernels.testing import assert_within_reference_error, poisoned_outputs
 from _fuzz import (
     check_op, describe, dim, examples_for, expect_rejection, float_dtypes, fuzz_backends, fuzz_settings, layouts,
-    lay_out, meta_like, tensor,
+    lay_out, meta_like, tensor, whole_storage,
 )
 
 
@@ -82,8 +83,8 @@ def test_apply_rope_fuzz(device, backend):
 def test_apply_rope_bad_inputs(device, backend):
     q = tensor((2, 5, 3, 8), torch.float32, device, seed=0)
     k = tensor((2, 5, 3, 8), torch.float32, device, seed=1)
-    cos, sin = rope_cos_sin_ref(6, 8)
-    pos = torch.zeros(2, 5, dtype=torch.int64)
+    cos, sin = rope_cos_sin_ref(6, 8, device=device)
+    pos = torch.zeros(2, 5, dtype=torch.int64, device=device)
     f = lambda *a, **kw: (lambda: bk.apply_rope(*a, backend=backend, **kw))  # noqa: E731
     expect_rejection(f(q.int(), k, cos, sin), "q", what="int q")
     expect_rejection(f(q, k.half(), cos, sin), "q", what="q/k dtype mismatch")
@@ -102,6 +103,61 @@ def test_apply_rope_bad_inputs(device, backend):
     if backend != "reference":
         expect_rejection(f(q.double(), k.double(), cos, sin), "backend", what="float64 on a kernel backend")
         expect_rejection(f(q, k, cos.requires_grad_(), sin), "backend", what="cos requiring grad on a kernel")
+
+
+# ------------------------------------------------------------------------------------------ apply_rope_
+
+
+def _apply_rope_inplace_case(device, backend, c):
+    (B, T, _, Dh), dtype, seed = c["shape"], c["dtype"], c["seed"]
+    lq, lk = c["layouts"]
+    q = tensor(c["shape"], dtype, device, seed=seed, layout=lq)
+    k = tensor(c["shape"], dtype, device, seed=seed + 1, layout=lk, scale=3.0)
+    cos, sin = _make_tables(device, Dh, B, T, c["tables"], seed)[:2]
+    pos = _make_tables(device, Dh, B, T, c["tables"], seed)[2]
+    what = describe(backend=backend, q=q, k=k, cos=cos, position_ids=pos)
+    call = lambda: bk.apply_rope_(q, k, cos, sin, position_ids=pos, backend=backend)  # noqa: E731
+    if q.numel() == 0 or Dh % 2:
+        expect_rejection(call, "q", what=what)
+        return
+    shared = [n for n, t in (("q", q), ("k", k)) if any(s > 1 and st_ == 0 for s, st_ in zip(t.shape, t.stride()))]
+    if shared:  # an expanded view: elements share memory, nothing can be written in place
+        expect_rejection(call, shared[0], what=what)
+        return
+    if backend != "reference" and (q.stride(-1) != 1 or k.stride(-1) != 1):  # the kernels' documented limit
+        expect_rejection(call, "q", what=what)
+        return
+    same = apply_rope_ref(q, k, cos, sin, position_ids=pos)
+    exact = apply_rope_ref(q.double(), k.double(), cos.double(), sin.double(), position_ids=pos)
+    gaps = [int(whole_storage(t).isnan().sum()) for t in (q, k)]  # NaN outside the view (layout gaps)
+    with poisoned_outputs():
+        out = call()
+    assert out[0] is q and out[1] is k, f"{what}: apply_rope_ must return its (rotated) inputs"
+    for name, t, s, e, gap in zip("qk", (q, k), same, exact, gaps):
+        assert int(whole_storage(t).isnan().sum()) == gap, f"{what}: {name} was written outside its view"
+        assert_within_reference_error(t, s, e, name=f"{what} {name}")
+
+
+@pytest.mark.parametrize("device,backend", fuzz_backends("apply_rope_"))
+def test_apply_rope_inplace_fuzz(device, backend):
+    @fuzz_settings(_budget(backend))
+    @given(apply_rope_cases())
+    def run(c):
+        _apply_rope_inplace_case(device, backend, c)
+
+    run()
+
+
+@pytest.mark.parametrize("device,backend", fuzz_backends("apply_rope_"))
+def test_apply_rope_inplace_rejects_shared_elements(device, backend):
+    # Found by test_apply_rope_inplace_fuzz: an expanded q (stride 0 over heads) was rotated in place by
+    # the cpu/triton kernels without error (every head writing the same memory); the reference raised
+    # RuntimeError from copy_. Now a ValueError naming the argument, on every backend.
+    cos, sin = rope_cos_sin_ref(4, 8, device=device)
+    q = tensor((1, 4, 1, 8), torch.float32, device, seed=0).expand(1, 4, 3, 8)
+    k = tensor((1, 4, 3, 8), torch.float32, device, seed=1)
+    expect_rejection(lambda: bk.apply_rope_(q, k, cos, sin, backend=backend), "q", what="expanded q")
+    expect_rejection(lambda: bk.apply_rope_(k, q, cos, sin, backend=backend), "k", what="expanded k")
 
 
 # ------------------------------------------------------------------------------------------ split_qkv_rope
@@ -146,7 +202,7 @@ def test_split_qkv_rope_fuzz(device, backend):
 @pytest.mark.parametrize("device,backend", fuzz_backends("split_qkv_rope"))
 def test_split_qkv_rope_bad_inputs(device, backend):
     qkv = tensor((2, 5, 3 * 16), torch.float32, device, seed=0)
-    cos, sin = rope_cos_sin_ref(5, 8)
+    cos, sin = rope_cos_sin_ref(5, 8, device=device)
     f = lambda *a, **kw: (lambda: bk.split_qkv_rope(*a, backend=backend, **kw))  # noqa: E731
     expect_rejection(f(qkv.long(), cos, sin, num_heads=2), "qkv", what="int qkv")
     expect_rejection(f(qkv[0], cos, sin, num_heads=2), "qkv", what="2-D qkv")
@@ -156,7 +212,7 @@ def test_split_qkv_rope_bad_inputs(device, backend):
     expect_rejection(f(qkv, cos, sin, num_heads=5), "qkv", what="num_heads not dividing D")
     expect_rejection(f(qkv[..., :42], cos, sin, num_heads=2), "qkv", what="odd head dim")
     expect_rejection(f(qkv, cos[:4], sin[:4], num_heads=2), "cos", what="tables shorter than T")
-    expect_rejection(f(qkv, cos, sin, num_heads=2, position_ids=torch.zeros(2, 5)), "position_ids",
+    expect_rejection(f(qkv, cos, sin, num_heads=2, position_ids=torch.zeros(2, 5, device=device)), "position_ids",
                      what="float position_ids")
     if backend != "reference":
         expect_rejection(f(qkv.double(), cos, sin, num_heads=2), "backend", what="float64 on a kernel backend")
