@@ -33,6 +33,8 @@ from ..registry import Backend, Impl
 __all__ = ["rope_cos_sin", "apply_rope", "apply_rope_"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Positions are fp32 in the tables (spec): beyond 2**24 consecutive positions are no longer distinct.
+MAX_FP32_POSITION = 2**24
 
 # Kernel ops per backend: (forward op, backward op, in-place op).
 _KERNELS: dict[Backend, tuple] = {}
@@ -129,7 +131,7 @@ registry.register(
 )
 
 
-def _check_int(name: str, value, *, minimum: int) -> int:
+def _check_int(name: str, value, *, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
@@ -138,6 +140,8 @@ def _check_int(name: str, value, *, minimum: int) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -182,6 +186,11 @@ def rope_cos_sin(
         raise ValueError(f"Dh must be even (rotate-half pairs dim i with i + Dh/2), got {Dh}")
     check_positive("base", base)
     offset = _check_int("offset", offset, minimum=0)
+    if offset + T > MAX_FP32_POSITION:
+        raise ValueError(
+            f"offset + T must be <= 2**24 = {MAX_FP32_POSITION} (positions are fp32 and must stay exact), "
+            f"got offset={offset}, T={T}"
+        )
     registry.resolve("rope_cos_sin", backend, ())
     return rope_cos_sin_ref(T, Dh, float(base), device=device, offset=offset)
 
