@@ -117,5 +117,11 @@ def test_linear_cross_entropy_bad_inputs(device, backend):
     expect_rejection(f(h, w, y, norm_head=1), "norm_head", what="int norm_head")
     expect_rejection(f(h, w, y, ignore_index=1.5), "ignore_index", what="float ignore_index")
     expect_rejection(f(h, w, y, chunk_size=0), "chunk_size", what="chunk_size 0")
+    # Found by fuzzing the integer arguments: values past int64 reached the kernels' schema (RuntimeError
+    # "Expected a value of type 'int'"); ignore_index is now range-checked, chunk_size capped at N.
+    expect_rejection(f(h, w, y, ignore_index=2**63), "ignore_index", what="ignore_index past int64")
+    for huge in (2**63, 2**80):
+        got = bk.linear_cross_entropy(h, w, y, chunk_size=huge, backend=backend)[0]
+        assert torch.equal(got, bk.linear_cross_entropy(h, w, y, backend=backend)[0]), "one chunk"
     if backend != "reference":
         expect_rejection(f(h.double(), w.double(), y), "backend", what="float64 on a kernel backend")

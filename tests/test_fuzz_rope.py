@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import baichuan_kernels as bk
@@ -223,10 +223,13 @@ def test_split_qkv_rope_bad_inputs(device, backend):
 
 @fuzz_settings(60)
 @given(T=st.integers(-2, 40), Dh=st.integers(-2, 40), base=st.sampled_from([10000.0, 2.0, 1e6, 0.0, -1.0, math.nan]),
-       offset=st.integers(-3, 10**6))
+       offset=st.one_of(st.integers(-3, 10**6), st.sampled_from([2**24 - 40, 2**24 - 1, 2**31, 2**63, 2**70])))
+@example(T=4, Dh=8, base=10000.0, offset=2**63)  # returned an empty [0, 8] table (fp32 arange overflow)
 def test_rope_cos_sin_fuzz(T, Dh, base, offset):
     call = lambda: bk.rope_cos_sin(T, Dh, base, offset=offset)  # noqa: E731
-    for arg, bad in (("T", T < 1), ("Dh", Dh < 2 or Dh % 2), ("base", not base > 0), ("offset", offset < 0)):
+    checks = (("T", T < 1), ("Dh", Dh < 2 or Dh % 2), ("base", not base > 0), ("offset", offset < 0),
+              ("offset", offset + T > 2**24))  # positions are fp32: exact only up to 2**24
+    for arg, bad in checks:
         if bad:
             expect_rejection(call, arg, what=f"T={T} Dh={Dh} base={base} offset={offset}")
             return
