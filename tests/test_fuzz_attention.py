@@ -46,7 +46,7 @@ def attention_cases(draw):
     packed = draw(st.booleans())
     if packed:
         lengths = draw(st.lists(dim(7), min_size=1, max_size=4))
-        extra = draw(st.sampled_from([None, 0, 0, 3]))
+        extra = draw(st.sampled_from([None, 0, 0, 3, 2**40]))
         c = dict(lengths=lengths, max_seqlen=None if extra is None else max(lengths) + extra,
                  shape=(sum(lengths), H, Dh))
     else:
@@ -142,6 +142,7 @@ def test_attention_bad_inputs(device, backend):
     expect_rejection(f(q, k, v, softmax_scale=0.0), "softmax_scale", what="zero scale")
     expect_rejection(f(q, k, v, softmax_scale=-1.0), "softmax_scale", what="negative scale")
     expect_rejection(f(q, k, v, softmax_scale=math.nan), "softmax_scale", what="NaN scale")
+    expect_rejection(f(q, k, v, softmax_scale=math.inf), "softmax_scale", what="inf scale")
     expect_rejection(f(q, k, v, alibi_slopes=torch.ones(3, device=device)), "alibi_slopes", what="slopes shape")
     expect_rejection(f(q, k, v, alibi_slopes=torch.ones(2, dtype=torch.bfloat16, device=device)), "alibi_slopes",
                      what="bf16 slopes")
@@ -162,6 +163,12 @@ def test_attention_bad_inputs(device, backend):
     expect_rejection(f(p, p, p, cu_seqlens=cu, max_seqlen=5), "max_seqlen", what="max_seqlen < longest")
     expect_rejection(f(p, p, p, cu_seqlens=cu, max_seqlen=0), "max_seqlen", what="max_seqlen 0")
     expect_rejection(f(p, p, p, cu_seqlens=cu, max_seqlen=6.0), "max_seqlen", what="float max_seqlen")
+    # Found by fuzzing max_seqlen: a valid but loose bound sized the kernels' grids (2**40: the Triton
+    # launch hung; 2**63: RuntimeError from the op schema). The kernels now get the longest sequence.
+    for loose in (2**40, 2**63):
+        with poisoned_outputs():
+            got = bk.attention(p, p, p, cu_seqlens=cu, max_seqlen=loose, backend=backend)
+        assert torch.equal(got, bk.attention(p, p, p, cu_seqlens=cu, backend=backend)), f"max_seqlen={loose}"
     if backend != "reference":
         expect_rejection(f(q.double(), k.double(), v.double()), "backend", what="float64 on a kernel backend")
         s = torch.ones(2, device=device, requires_grad=True)
