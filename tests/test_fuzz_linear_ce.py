@@ -114,6 +114,7 @@ def test_linear_cross_entropy_bad_inputs(device, backend):
     expect_rejection(f(h, w, y, reduction="avg"), "reduction", what="unknown reduction")
     expect_rejection(f(h, w, y, z_loss_weight=-1.0), "z_loss_weight", what="negative z_loss_weight")
     expect_rejection(f(h, w, y, z_loss_weight=math.nan), "z_loss_weight", what="NaN z_loss_weight")
+    expect_rejection(f(h, w, y, z_loss_weight=math.inf), "z_loss_weight", what="inf z_loss_weight (NaN rows)")
     expect_rejection(f(h, w, y, norm_head=1), "norm_head", what="int norm_head")
     expect_rejection(f(h, w, y, ignore_index=1.5), "ignore_index", what="float ignore_index")
     expect_rejection(f(h, w, y, chunk_size=0), "chunk_size", what="chunk_size 0")

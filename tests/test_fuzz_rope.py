@@ -222,12 +222,16 @@ def test_split_qkv_rope_bad_inputs(device, backend):
 
 
 @fuzz_settings(60)
-@given(T=st.integers(-2, 40), Dh=st.integers(-2, 40), base=st.sampled_from([10000.0, 2.0, 1e6, 0.0, -1.0, math.nan]),
+@given(T=st.integers(-2, 40), Dh=st.integers(-2, 40),
+       base=st.sampled_from([10000.0, 2.0, 1e6, 1.0, 0.5, 1e-300, math.inf, 0.0, -1.0, math.nan]),
        offset=st.one_of(st.integers(-3, 10**6), st.sampled_from([2**24 - 40, 2**24 - 1, 2**31, 2**63, 2**70])))
 @example(T=4, Dh=8, base=10000.0, offset=2**63)  # returned an empty [0, 8] table (fp32 arange overflow)
+@example(T=4, Dh=8, base=1e-300, offset=0)  # returned NaN tables (base^(-2i/Dh) overflows fp32)
 def test_rope_cos_sin_fuzz(T, Dh, base, offset):
     call = lambda: bk.rope_cos_sin(T, Dh, base, offset=offset)  # noqa: E731
-    checks = (("T", T < 1), ("Dh", Dh < 2 or Dh % 2), ("base", not base > 0), ("offset", offset < 0),
+    # base: positive, and giving finite fp32 angles (1e-300 overflows base^(-2i/Dh) once Dh >= 4)
+    bad_base = not base > 0 or (base < 1e-30 and Dh >= 4)
+    checks = (("T", T < 1), ("Dh", Dh < 2 or Dh % 2), ("base", bad_base), ("offset", offset < 0),
               ("offset", offset + T > 2**24))  # positions are fp32: exact only up to 2**24
     for arg, bad in checks:
         if bad:

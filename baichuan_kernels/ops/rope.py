@@ -192,7 +192,11 @@ def rope_cos_sin(
             f"got offset={offset}, T={T}"
         )
     registry.resolve("rope_cos_sin", backend, ())
-    return rope_cos_sin_ref(T, Dh, float(base), device=device, offset=offset)
+    cos, sin = rope_cos_sin_ref(T, Dh, float(base), device=device, offset=offset)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(cos).all() & torch.isfinite(sin).all()):
+        # e.g. base = 1e-300: base^(-2i/Dh) overflows fp32 and the angles become inf / NaN
+        raise ValueError(f"base = {base} gives non-finite fp32 RoPE angles for Dh = {Dh}; use a base >= 1")
+    return cos, sin
 
 
 def apply_rope(
