@@ -43,15 +43,22 @@ def fuzz_settings(max_examples: int):
     )
 
 
-def fuzz_backends(op: str, *, reference: bool = True) -> list:
-    """pytest params (device, backend): the kernel backends of ``op`` usable here (tests/_backends.py)
-    and, with ``reference``, the public op run with ``backend="reference"`` on every device."""
+def fuzz_backends(op: str) -> list:
+    """pytest params (device, backend): the kernel backends of ``op`` usable here (tests/_backends.py),
+    then ``"reference"`` and ``"auto"`` (the registry's choice, falling back to the reference for what
+    the kernels refuse) on every device."""
     params = list(kernel_backends(op))
-    if reference:
-        for device in DEVICES:
-            marks = [pytest.mark.cuda] if device == "cuda" else []
-            params.append(pytest.param(device, "reference", id=f"{device}-reference", marks=marks))
+    for device in DEVICES:
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        for backend in ("reference", "auto"):
+            params.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
     return params
+
+
+def explicit_kernel(backend: str) -> bool:
+    """An explicitly named kernel backend: inputs outside its documented limits (float64, head dims,
+    strides...) must raise ValueError naming ``backend``; "reference" and "auto" take them."""
+    return backend not in ("reference", "auto")
 
 
 def examples_for(backend: str, *, kernel: int, triton: int, reference: int) -> int:

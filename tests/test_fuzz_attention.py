@@ -17,6 +17,7 @@ from baichuan_kernels.reference.decode_attention import decode_attention_ref
 from baichuan_kernels.testing import poisoned_outputs
 from _backends import kernel_backends
 from _fuzz import (
+    explicit_kernel,
     check_op, describe, dim, examples_for, expect_rejection, float_dtypes, fuzz_backends, fuzz_settings, layouts,
     lay_out, meta_like, tensor,
 )
@@ -73,13 +74,13 @@ def _attention_case(device, backend, c):
     if q.numel() == 0:  # documented: q must not be empty
         expect_rejection(lambda: call(q, k, v), "q", what=what)
         return
-    if backend != "reference" and Dh not in HEAD_DIMS:  # a kernel's limit: named explicit backend refuses
+    if explicit_kernel(backend) and Dh not in HEAD_DIMS:  # a kernel's limit: named explicit backend refuses
         expect_rejection(lambda: call(q, k, v), "backend", what=what)
         return
     out = attention_ref(q, k, v, **kw).detach()
     check_op(call, lambda q, k, v: attention_ref(q, k, v, **kw), dict(q=q, k=k, v=v), grad=["q", "k", "v"],
              what=what, seed=seed, outputs=["out"],
-             atol_for=lambda up: _flash_rounding_atol(c, q, k, v, slopes, out, up[0]) if backend != "reference" else {})
+             atol_for=lambda up: {} if backend == "reference" else _flash_rounding_atol(c, q, k, v, slopes, out, up[0]))
 
 
 def _flash_rounding_atol(c, q, k, v, slopes, out, dout):
@@ -169,7 +170,7 @@ def test_attention_bad_inputs(device, backend):
         with poisoned_outputs():
             got = bk.attention(p, p, p, cu_seqlens=cu, max_seqlen=loose, backend=backend)
         assert torch.equal(got, bk.attention(p, p, p, cu_seqlens=cu, backend=backend)), f"max_seqlen={loose}"
-    if backend != "reference":
+    if explicit_kernel(backend):
         expect_rejection(f(q.double(), k.double(), v.double()), "backend", what="float64 on a kernel backend")
         s = torch.ones(2, device=device, requires_grad=True)
         expect_rejection(f(q, k, v, alibi_slopes=s), "backend", what="slopes requiring grad on a kernel")
@@ -203,7 +204,7 @@ def _decode_case(device, backend, c):
     if q.numel() == 0:
         expect_rejection(lambda: call(q, kc, vc), "q", what=what)
         return
-    if backend != "reference" and Dh not in HEAD_DIMS:
+    if explicit_kernel(backend) and Dh not in HEAD_DIMS:
         expect_rejection(lambda: call(q, kc, vc), "backend", what=what)
         return
     check_op(call, lambda q, k_cache, v_cache: decode_attention_ref(q, k_cache, v_cache, lens, **kw),
@@ -247,7 +248,7 @@ def test_decode_attention_bad_inputs(device, backend):
     expect_rejection(f(q, kc, vc, lens - 4), "cache_seqlens", what="negative cache_seqlens")
     expect_rejection(f(q, kc, vc, lens, alibi_slopes=torch.ones(1, device=device)), "alibi_slopes", what="slopes shape")
     expect_rejection(f(q, kc, vc, lens, softmax_scale=-2.0), "softmax_scale", what="negative scale")
-    if backend != "reference":
+    if explicit_kernel(backend):
         expect_rejection(f(q.double(), kc.double(), vc.double(), lens), "backend", what="float64 on a kernel")
 
 

@@ -13,6 +13,7 @@ from baichuan_kernels.reference.rope import apply_rope_ref, rope_cos_sin_ref
 from baichuan_kernels.reference.split_qkv_rope import split_qkv_rope_ref
 from baichuan_kernels.testing import assert_within_reference_error, poisoned_outputs
 from _fuzz import (
+    explicit_kernel,
     check_op, describe, dim, examples_for, expect_rejection, float_dtypes, fuzz_backends, fuzz_settings, layouts,
     lay_out, meta_like, tensor, whole_storage,
 )
@@ -100,7 +101,7 @@ def test_apply_rope_bad_inputs(device, backend):
     expect_rejection(f(q, k, cos, sin, position_ids=pos + 6), "position_ids", what="position past the table")
     expect_rejection(f(q, k, meta_like(cos), sin), "cos", what="cos on another device")
     expect_rejection(f(q, k, cos, sin, position_ids=meta_like(pos)), "position_ids", what="position_ids elsewhere")
-    if backend != "reference":
+    if explicit_kernel(backend):
         expect_rejection(f(q.double(), k.double(), cos, sin), "backend", what="float64 on a kernel backend")
         expect_rejection(f(q, k, cos.requires_grad_(), sin), "backend", what="cos requiring grad on a kernel")
 
@@ -124,7 +125,7 @@ def _apply_rope_inplace_case(device, backend, c):
     if shared:  # an expanded view: elements share memory, nothing can be written in place
         expect_rejection(call, shared[0], what=what)
         return
-    if backend != "reference" and (q.stride(-1) != 1 or k.stride(-1) != 1):  # the kernels' documented limit
+    if explicit_kernel(backend) and (q.stride(-1) != 1 or k.stride(-1) != 1):  # the kernels' limit
         expect_rejection(call, "q", what=what)
         return
     same = apply_rope_ref(q, k, cos, sin, position_ids=pos)
@@ -214,7 +215,7 @@ def test_split_qkv_rope_bad_inputs(device, backend):
     expect_rejection(f(qkv, cos[:4], sin[:4], num_heads=2), "cos", what="tables shorter than T")
     expect_rejection(f(qkv, cos, sin, num_heads=2, position_ids=torch.zeros(2, 5, device=device)), "position_ids",
                      what="float position_ids")
-    if backend != "reference":
+    if explicit_kernel(backend):
         expect_rejection(f(qkv.double(), cos, sin, num_heads=2), "backend", what="float64 on a kernel backend")
 
 
