@@ -235,7 +235,8 @@ def check_op(
 
     The reference runs twice: on the same inputs (same dtype: the rounding the rule allows) and on
     float64 copies (the truth). With ``grad`` (names of inputs that require grad), the gradients of
-    every differentiable output under seeded random upstream gradients are compared too. The op runs
+    every differentiable output under seeded random upstream gradients (in a layout of
+    :data:`LAYOUTS` picked by the seed) are compared too. The op runs
     inside :func:`~baichuan_kernels.testing.poisoned_outputs`.
 
     ``atol_for(upstream) -> {name: atol}`` (output names, or input names for their gradients) replaces
@@ -254,8 +255,10 @@ def check_op(
         return [o.detach() for o in outs], list(grads)
 
     same_outs = _as_tuple(reference(**inputs))
+    # Upstream gradients in every layout too (chosen by the seed): backward kernels meet sliced,
+    # transposed, strided and stride-0 expanded gradients (e.g. from y.sum().backward()).
     upstream = [
-        make_tensor(o.shape, o.dtype, o.device, seed=seed + 1000 + i)
+        lay_out(make_tensor(o.shape, o.dtype, o.device, seed=seed + 1000 + i), LAYOUTS[(seed + i) % len(LAYOUTS)])
         if grad and o.dtype.is_floating_point and o.requires_grad else None
         for i, o in enumerate(same_outs)
     ]
