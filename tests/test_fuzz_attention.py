@@ -42,16 +42,17 @@ scales = st.one_of(st.none(), st.floats(0.05, 2.0))
 
 
 @st.composite
-def attention_cases(draw):
+def attention_cases(draw, wide=False):
+    """``wide``: sequences past the C++ kernel's query/key blocks (the fast cpu backend only)."""
     H, Dh = draw(dim(3)), draw(st.sampled_from(FUZZ_HEAD_DIMS))
     packed = draw(st.booleans())
     if packed:
-        lengths = draw(st.lists(dim(7), min_size=1, max_size=4))
+        lengths = draw(st.lists(dim(70 if wide else 7), min_size=1, max_size=4))
         extra = draw(st.sampled_from([None, 0, 0, 3, 2**40]))
         c = dict(lengths=lengths, max_seqlen=None if extra is None else max(lengths) + extra,
                  shape=(sum(lengths), H, Dh))
     else:
-        c = dict(lengths=None, max_seqlen=None, shape=(draw(dim(2)), draw(dim(9)), H, Dh))
+        c = dict(lengths=None, max_seqlen=None, shape=(draw(dim(2)), draw(dim(140 if wide else 9)), H, Dh))
     return dict(c, dtype=draw(float_dtypes), layouts=(draw(layouts), draw(layouts), draw(layouts)),
                 causal=draw(st.booleans()), slopes=draw(slope_choices), scale=draw(scales),
                 seed=draw(st.integers(0, 2**16)))
@@ -176,12 +177,22 @@ def test_attention_bad_inputs(device, backend):
         expect_rejection(f(q, k, v, alibi_slopes=s), "backend", what="slopes requiring grad on a kernel")
 
 
+@pytest.mark.parametrize("device,backend", [p for p in fuzz_backends("attention") if p.values[1] == "cpu"])
+def test_attention_fuzz_wide(device, backend):
+    @fuzz_settings(30)
+    @given(attention_cases(wide=True))
+    def run(c):
+        _attention_case(device, backend, c)
+
+    run()
+
+
 # ------------------------------------------------------------------------------------------ decode_attention
 
 
 @st.composite
-def decode_cases(draw):
-    B, S_max, H, Dh = draw(dim(3)), draw(dim(10)), draw(dim(3)), draw(st.sampled_from(FUZZ_HEAD_DIMS))
+def decode_cases(draw, wide=False):
+    B, S_max, H, Dh = draw(dim(3)), draw(dim(300 if wide else 10)), draw(dim(3)), draw(st.sampled_from(FUZZ_HEAD_DIMS))
     lens = [draw(st.integers(0, S_max)) for _ in range(B)]
     return dict(shape=(B, S_max, H, Dh), lens=lens, dtype=draw(float_dtypes),
                 layouts=(draw(layouts), draw(layouts), draw(layouts)), slopes=draw(slope_choices),
@@ -250,6 +261,16 @@ def test_decode_attention_bad_inputs(device, backend):
     expect_rejection(f(q, kc, vc, lens, softmax_scale=-2.0), "softmax_scale", what="negative scale")
     if explicit_kernel(backend):
         expect_rejection(f(q.double(), kc.double(), vc.double(), lens), "backend", what="float64 on a kernel")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in fuzz_backends("decode_attention") if p.values[1] == "cpu"])
+def test_decode_attention_fuzz_wide(device, backend):
+    @fuzz_settings(30)
+    @given(decode_cases(wide=True))
+    def run(c):
+        _decode_case(device, backend, c)
+
+    run()
 
 
 # ------------------------------------------------------------------------------------------ alibi_slopes

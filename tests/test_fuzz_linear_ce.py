@@ -19,8 +19,9 @@ from _fuzz import (
 
 
 @st.composite
-def lce_cases(draw):
-    N, D, V = draw(dim(9)), draw(dim(40)), draw(dim(50))
+def lce_cases(draw, wide=False):
+    """``wide``: more rows, vocabulary and chunks (the fast cpu backend only)."""
+    N, D, V = (draw(dim(40)), draw(dim(130)), draw(dim(700))) if wide else (draw(dim(9)), draw(dim(40)), draw(dim(50)))
     return dict(
         N=N, D=D, V=V, dtype=draw(float_dtypes),
         # Equal weight rows (an expanded weight) tie the max logit: the gradient of z then goes to the
@@ -31,7 +32,7 @@ def lce_cases(draw):
         ignored=draw(st.sampled_from([0.0, 0.3, 1.0])),  # share of ignored rows
         norm_head=draw(st.booleans()), z_loss_weight=draw(st.sampled_from([0.0, 1e-4, 0.5])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
-        chunk_size=draw(st.one_of(st.none(), st.integers(1, 12))),
+        chunk_size=draw(st.one_of(st.none(), st.integers(1, 50 if wide else 12))),
         grad=draw(st.sampled_from([("hidden", "weight"), ("hidden",), ("weight",), ()])),
         seed=draw(st.integers(0, 2**16)),
     )
@@ -87,6 +88,16 @@ def _single_column_atol(c, hidden, weight, upstream):
 def test_linear_cross_entropy_fuzz(device, backend):
     @fuzz_settings(examples_for(backend, kernel=80, triton=25, reference=30))
     @given(lce_cases())
+    def run(c):
+        _lce_case(device, backend, c)
+
+    run()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in fuzz_backends("linear_cross_entropy") if p.values[1] == "cpu"])
+def test_linear_cross_entropy_fuzz_wide(device, backend):
+    @fuzz_settings(30)
+    @given(lce_cases(wide=True))
     def run(c):
         _lce_case(device, backend, c)
 

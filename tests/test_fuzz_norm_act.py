@@ -25,9 +25,11 @@ def _budget(backend):
 
 
 @st.composite
-def rms_norm_cases(draw):
+def rms_norm_cases(draw, wide=False):
+    """``wide``: Baichuan widths and odd ones past the vector loops (cpu backend only)."""
     lead = tuple(draw(st.lists(dim(4), min_size=0, max_size=3)))
-    D = draw(st.one_of(dim(40), st.sampled_from([64, 123, 257])))
+    narrow = st.one_of(dim(40), st.sampled_from([64, 123, 257]))
+    D = draw(st.sampled_from([1000, 4095, 4096, 4097, 5120]) if wide else narrow)
     return dict(
         shape=lead + (D,),
         dtype=draw(float_dtypes),
@@ -67,6 +69,16 @@ def test_rms_norm_fuzz(device, backend):
     run()
 
 
+@pytest.mark.parametrize("device,backend", [p for p in fuzz_backends("rms_norm") if p.values[1] == "cpu"])
+def test_rms_norm_fuzz_wide(device, backend):
+    @fuzz_settings(15)
+    @given(rms_norm_cases(wide=True))
+    def run(c):
+        _rms_norm_case(device, backend, c)
+
+    run()
+
+
 @pytest.mark.parametrize("device,backend", fuzz_backends("rms_norm"))
 def test_rms_norm_bad_inputs(device, backend):
     x = tensor((3, 8), torch.float32, device, seed=0)
@@ -90,10 +102,10 @@ def test_rms_norm_bad_inputs(device, backend):
 
 
 @st.composite
-def swiglu_cases(draw):
+def swiglu_cases(draw, wide=False):
     shape = tuple(draw(st.lists(dim(6), min_size=0, max_size=3)))
-    if draw(st.booleans()):
-        shape = shape + (draw(st.sampled_from([17, 64, 130])),)
+    if draw(st.booleans()) or wide:
+        shape = shape + (draw(st.sampled_from([1001, 4096, 11008 // 4 + 3] if wide else [17, 64, 130])),)
     return dict(shape=shape, dtype=draw(float_dtypes), layouts=(draw(layouts), draw(layouts)),
                 packed=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
@@ -121,6 +133,16 @@ def _swiglu_case(device, backend, c):
 def test_swiglu_fuzz(device, backend):
     @fuzz_settings(_budget(backend))
     @given(swiglu_cases())
+    def run(c):
+        _swiglu_case(device, backend, c)
+
+    run()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in fuzz_backends("swiglu") if p.values[1] == "cpu"])
+def test_swiglu_fuzz_wide(device, backend):
+    @fuzz_settings(15)
+    @given(swiglu_cases(wide=True))
     def run(c):
         _swiglu_case(device, backend, c)
 

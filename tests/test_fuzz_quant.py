@@ -20,14 +20,15 @@ GROUP_SIZES = (32, 64, 128)
 
 
 @st.composite
-def weight_cases(draw):
+def weight_cases(draw, wide=False):
+    """``wide``: weights past the C++ GEMV's 16-row blocks and several groups (cpu backend only)."""
     bits = draw(st.sampled_from([8, 4]))
     if bits == 4:
         group = draw(st.sampled_from(GROUP_SIZES + (16,)))  # 16: not a supported group size
-        K = group * draw(st.integers(1, 3)) if draw(st.integers(0, 9)) else draw(st.integers(1, 100))
+        K = group * draw(st.integers(1, 9 if wide else 3)) if draw(st.integers(0, 9)) else draw(st.integers(1, 100))
     else:
-        group, K = 128, draw(dim(70))
-    return dict(N=draw(dim(9)), K=K, bits=bits, group_size=group,
+        group, K = 128, draw(dim(600 if wide else 70))
+    return dict(N=draw(dim(40 if wide else 9)), K=K, bits=bits, group_size=group,
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])),
                 layout=draw(layouts), constant_row=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
@@ -78,9 +79,9 @@ def test_quantize_dequantize_fuzz(c):
 
 
 @st.composite
-def matmul_cases(draw):
-    w = draw(weight_cases().filter(lambda c: _weight_error(c) is None))
-    lead = tuple(draw(st.lists(dim(5), min_size=0, max_size=2)))
+def matmul_cases(draw, wide=False):
+    w = draw(weight_cases(wide).filter(lambda c: _weight_error(c) is None))
+    lead = tuple(draw(st.lists(dim(20 if wide else 5), min_size=0, max_size=2)))  # M past 4-row tiles and 16
     return dict(w=w, lead=lead, dtype=draw(float_dtypes), layout=draw(layouts), seed=draw(st.integers(0, 2**16)))
 
 
@@ -122,6 +123,16 @@ def _xsum_factorization_atol(x, qw):
 def test_quant_matmul_fuzz(device, backend):
     @fuzz_settings(examples_for(backend, kernel=80, triton=25, reference=30))
     @given(matmul_cases())
+    def run(c):
+        _matmul_case(device, backend, c)
+
+    run()
+
+
+@pytest.mark.parametrize("device,backend", [p for p in fuzz_backends("quant_matmul") if p.values[1] == "cpu"])
+def test_quant_matmul_fuzz_wide(device, backend):
+    @fuzz_settings(40)
+    @given(matmul_cases(wide=True))
     def run(c):
         _matmul_case(device, backend, c)
 
