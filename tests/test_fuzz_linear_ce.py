@@ -67,7 +67,7 @@ def _lce_case(device, backend, c):
         expect_rejection(lambda: call(hidden, weight), "labels", what=what)
         return
     check_op(call, lambda hidden, weight: linear_cross_entropy_ref(hidden, weight, labels, **kw),
-             dict(hidden=hidden, weight=weight), grad=list(c["grad"]), what=what, seed=seed,
+             dict(hidden=hidden, weight=weight), grad=list(c["grad"]), what=what, seed=seed, backend=backend,
              outputs=["loss", "ce", "z"], atol_for=lambda up: _single_column_atol(c, hidden, weight, up))
 
 

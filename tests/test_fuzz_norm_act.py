@@ -54,7 +54,7 @@ def _rms_norm_case(device, backend, c):
     check_op(
         lambda x, weight, residual: bk.rms_norm(x, weight, c["eps"], residual=residual, backend=backend),
         lambda x, weight, residual: rms_norm_ref(x, weight, c["eps"], residual=residual),
-        inputs, grad=["x", "weight"] + (["residual"] if r is not None else []), what=what, seed=seed,
+        inputs, grad=["x", "weight"] + (["residual"] if r is not None else []), what=what, seed=seed, backend=backend,
         outputs=["y", "s"],
     )
 
@@ -120,13 +120,14 @@ def _swiglu_case(device, backend, c):
         F = shape[-1]
         what = describe(backend=backend, packed_h=h)
         check_op(lambda h: bk.swiglu(h, backend=backend),
-                 lambda h: swiglu_ref(h[..., :F], h[..., F:]), dict(h=h), grad=["h"], what=what, seed=seed)
+                 lambda h: swiglu_ref(h[..., :F], h[..., F:]), dict(h=h), grad=["h"], what=what, seed=seed,
+                 backend=backend)
         return
     gate = tensor(shape, dtype, device, seed=seed, layout=c["layouts"][0], scale=3.0, requires_grad=True)
     up = tensor(shape, dtype, device, seed=seed + 1, layout=c["layouts"][1], requires_grad=True)
     what = describe(backend=backend, gate=gate, up=up)
     check_op(lambda gate, up: bk.swiglu(gate, up, backend=backend), swiglu_ref, dict(gate=gate, up=up),
-             grad=["gate", "up"], what=what, seed=seed)
+             grad=["gate", "up"], what=what, seed=seed, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", fuzz_backends("swiglu"))
@@ -187,7 +188,7 @@ def _norm_head_case(device, backend, c):
         return
     check_op(lambda weight: bk.norm_head_weight(weight, c["eps"], backend=backend),
              lambda weight: norm_head_weight_ref(weight, c["eps"]), dict(weight=w), grad=["weight"], what=what,
-             seed=seed, atol_for=lambda up: _single_column_atol(w, c["eps"], up[0]))
+             seed=seed, backend=backend, atol_for=lambda up: _single_column_atol(w, c["eps"], up[0]))
 
 
 def _single_column_atol(w, eps, g):

@@ -96,6 +96,7 @@ def _matmul_case(device, backend, c):
         return
     atol = {} if backend == "reference" or qw.bits == 8 else {"y": _xsum_factorization_atol(x, qw)}
     check_op(call, lambda x: quant_matmul_ref(x, qw), dict(x=x), grad=["x"], what=what, seed=c["seed"],
+             backend=backend,
              outputs=["y"], atol_for=lambda _up: atol)
 
 

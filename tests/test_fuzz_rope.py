@@ -15,7 +15,7 @@ from baichuan_kernels.testing import assert_within_reference_error, poisoned_out
 from _fuzz import (
     explicit_kernel,
     check_op, describe, dim, examples_for, expect_rejection, float_dtypes, fuzz_backends, fuzz_settings, layouts,
-    lay_out, meta_like, tensor, whole_storage,
+    lay_out, meta_like, refused, tensor, whole_storage,
 )
 
 
@@ -67,7 +67,7 @@ def _apply_rope_case(device, backend, c):
         expect_rejection(lambda: call(q, k), "q", what=what)
         return
     check_op(call, lambda q, k: apply_rope_ref(q, k, cos, sin, position_ids=pos), dict(q=q, k=k),
-             grad=["q", "k"], what=what, seed=seed, outputs=["q_rot", "k_rot"])
+             grad=["q", "k"], what=what, seed=seed, backend=backend, outputs=["q_rot", "k_rot"])
 
 
 @pytest.mark.parametrize("device,backend", fuzz_backends("apply_rope"))
@@ -131,8 +131,13 @@ def _apply_rope_inplace_case(device, backend, c):
     same = apply_rope_ref(q, k, cos, sin, position_ids=pos)
     exact = apply_rope_ref(q.double(), k.double(), cos.double(), sin.double(), position_ids=pos)
     gaps = [int(whole_storage(t).isnan().sum()) for t in (q, k)]  # NaN outside the view (layout gaps)
-    with poisoned_outputs():
-        out = call()
+    try:
+        with poisoned_outputs():
+            out = call()
+    except ValueError as exc:
+        if refused(exc, backend):  # a GPU backend's limit not encoded here
+            return
+        raise
     assert out[0] is q and out[1] is k, f"{what}: apply_rope_ must return its (rotated) inputs"
     for name, t, s, e, gap in zip("qk", (q, k), same, exact, gaps):
         assert int(whole_storage(t).isnan().sum()) == gap, f"{what}: {name} was written outside its view"
@@ -187,7 +192,7 @@ def _split_case(device, backend, c):
         expect_rejection(lambda: call(qkv), "cos", what=what)
         return
     check_op(call, lambda qkv: split_qkv_rope_ref(qkv, cos, sin, num_heads=nh, position_ids=pos), dict(qkv=qkv),
-             grad=["qkv"], what=what, seed=seed, outputs=["q", "k", "v"])
+             grad=["qkv"], what=what, seed=seed, backend=backend, outputs=["q", "k", "v"])
 
 
 @pytest.mark.parametrize("device,backend", fuzz_backends("split_qkv_rope"))
