@@ -166,6 +166,14 @@ def test_quantize_bad_inputs():
     expect_rejection(q(w[:, :48], bits=4, group_size=32), "group_size", what="group not dividing K")
     expect_rejection(q(w, bits=4, group_size=0), "group_size", what="group 0")
     expect_rejection(lambda: bk.dequantize_weight(w), "qweight", what="dequantize a plain tensor")
+    # Found by probing hand-built weights: scales on another device than data reached the reference's
+    # matmul (RuntimeError) / the registry's device check; now the constructor says which part is where.
+    qw = bk.quantize_weight(w, bits=4, group_size=32)
+    for part in ("scales", "zeros"):
+        parts = dict(data=qw.data, scales=qw.scales, zeros=qw.zeros)
+        parts[part] = parts[part].to("meta")
+        expect_rejection(lambda: bk.QuantizedWeight(**parts, bits=4, group_size=32, shape=(6, 64)), part,
+                         what=f"{part} on another device")
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
