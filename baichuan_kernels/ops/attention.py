@@ -129,6 +129,8 @@ def check_alibi_slopes(alibi_slopes, H: int, ref: torch.Tensor, ref_name: str) -
 def check_softmax_scale(softmax_scale) -> None:
     if softmax_scale is not None:
         check_positive("softmax_scale", softmax_scale)
+        if softmax_scale == float("inf"):  # every score ±inf or NaN: no softmax
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
 
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, total: int, q: torch.Tensor) -> int:
@@ -204,7 +206,9 @@ def attention(
     slopes = alibi_slopes.to(torch.float32).contiguous() if alibi_slopes is not None else None
     if packed:
         cu = cu_seqlens.contiguous()
-        seqlen = int(max_seqlen) if max_seqlen is not None else longest
+        # The kernels size their grids by it: the true longest sequence (max_seqlen is a validated
+        # upper bound; a loose one, e.g. 2**40, launched ~2**36 idle programs on Triton: a hang).
+        seqlen = longest
         q3, k3, v3 = q.contiguous(), k.contiguous(), v.contiguous()
     else:
         B, T = q.shape[0], q.shape[1]

@@ -226,11 +226,13 @@ def linear_cross_entropy(
     if not isinstance(norm_head, bool):
         raise TypeError(f"norm_head must be a bool, got {type(norm_head).__name__}")
     check_positive("z_loss_weight", z_loss_weight, allow_zero=True)
-    ignore_index = _check_int("ignore_index", ignore_index, minimum=-(2**63))
+    if z_loss_weight == float("inf"):  # inf · 0 at ignored rows: NaN
+        raise ValueError(f"z_loss_weight must be finite, got {z_loss_weight}")
+    ignore_index = _check_int("ignore_index", ignore_index, minimum=-(2**63), maximum=2**63 - 1)  # int64 labels
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None:
-        chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
+    if chunk_size is not None:  # more rows than N is one chunk (and keeps the kernels' int64 argument in range)
+        chunk_size = min(_check_int("chunk_size", chunk_size, minimum=1), max(N, 1))
     if not torch.compiler.is_compiling():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bool(bad.any()):

@@ -33,6 +33,8 @@ from ..registry import Backend, Impl
 __all__ = ["rope_cos_sin", "apply_rope", "apply_rope_"]
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Positions are fp32 in the tables (spec): beyond 2**24 consecutive positions are no longer distinct.
+MAX_FP32_POSITION = 2**24
 
 # Kernel ops per backend: (forward op, backward op, in-place op).
 _KERNELS: dict[Backend, tuple] = {}
@@ -129,7 +131,7 @@ registry.register(
 )
 
 
-def _check_int(name: str, value, *, minimum: int) -> int:
+def _check_int(name: str, value, *, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
@@ -138,6 +140,8 @@ def _check_int(name: str, value, *, minimum: int) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -182,8 +186,17 @@ def rope_cos_sin(
         raise ValueError(f"Dh must be even (rotate-half pairs dim i with i + Dh/2), got {Dh}")
     check_positive("base", base)
     offset = _check_int("offset", offset, minimum=0)
+    if offset + T > MAX_FP32_POSITION:
+        raise ValueError(
+            f"offset + T must be <= 2**24 = {MAX_FP32_POSITION} (positions are fp32 and must stay exact), "
+            f"got offset={offset}, T={T}"
+        )
     registry.resolve("rope_cos_sin", backend, ())
-    return rope_cos_sin_ref(T, Dh, float(base), device=device, offset=offset)
+    cos, sin = rope_cos_sin_ref(T, Dh, float(base), device=device, offset=offset)
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(cos).all() & torch.isfinite(sin).all()):
+        # e.g. base = 1e-300: base^(-2i/Dh) overflows fp32 and the angles become inf / NaN
+        raise ValueError(f"base = {base} gives non-finite fp32 RoPE angles for Dh = {Dh}; use a base >= 1")
+    return cos, sin
 
 
 def apply_rope(
@@ -237,6 +250,13 @@ def apply_rope_(
     have no autograd (with grad-requiring inputs ``"auto"`` runs the reference, whose in-place copy
     autograd tracks)."""
     _check_apply_rope(q, k, cos, sin, position_ids)
+    if not torch.compiler.is_compiling():
+        for name, t in (("q", q), ("k", k)):
+            if torch._debug_has_internal_overlap(t) == 1:  # 1: certain overlap (a stride 0 over size > 1)
+                raise ValueError(
+                    f"{name} has elements that share memory (e.g. an expanded view, stride {tuple(t.stride())}): "
+                    "it cannot be rotated in place; pass a dense tensor, or use apply_rope"
+                )
     chosen = registry.resolve(
         "apply_rope_", backend, (q, k, cos, sin, position_ids), q, k, cos, sin, position_ids=position_ids
     )

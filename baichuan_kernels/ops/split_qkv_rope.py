@@ -87,7 +87,10 @@ def split_qkv_rope(
         )
     Dh = three_d // (3 * num_heads)
     if Dh % 2:
-        raise ValueError(f"head dim Dh = D / num_heads = {Dh} must be even for rotate-half RoPE")
+        raise ValueError(
+            f"qkv's head dim Dh = D / num_heads = {three_d // 3} / {num_heads} = {Dh} must be even for "
+            "rotate-half RoPE"
+        )
     _check_cos_sin(cos, sin, Dh, qkv, "qkv")
     _check_positions(position_ids, B, T, cos.shape[0], qkv, "qkv")
     chosen = registry.resolve(

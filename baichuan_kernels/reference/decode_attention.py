@@ -34,6 +34,8 @@ def decode_attention_ref(
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     S_max = k_cache.shape[1]
+    if S_max == 0:  # an empty cache: every sequence has L = 0 (no key to attend to)
+        return q.masked_fill(torch.ones_like(q, dtype=torch.bool), 0.0)  # zeros like q, still in its graph
     L = cache_seqlens.to(device=q.device, dtype=torch.long)  # [B]
     j = torch.arange(S_max, device=q.device)  # [S_max]
     valid = j[None, :] < L[:, None]  # [B, S_max]

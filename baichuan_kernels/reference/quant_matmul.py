@@ -72,6 +72,11 @@ class QuantizedWeight:
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
                 got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"QuantizedWeight.{name} must be {dtype} {shape} for bits={self.bits}, got {got}")
+        parts = {name: t for name, t in (("data", self.data), ("scales", self.scales), ("zeros", self.zeros))
+                 if t is not None}
+        if len({t.device for t in parts.values()}) > 1:
+            listing = ", ".join(f"{name} on {t.device}" for name, t in parts.items())
+            raise ValueError(f"QuantizedWeight tensors must be on one device: {listing}")
 
     @property
     def device(self) -> torch.device:
