@@ -1,7 +1,6 @@
 """FSDP2 on CPU (gloo, world size 2, torchrun): the same global batch trains the same model as one
 process (losses within 1e-6 in fp32), and its sharded checkpoint resumes and exports."""
 
-import json
 import os
 import subprocess
 import sys
@@ -17,22 +16,11 @@ if not torch.distributed.is_available():
 from minitrain.data import build_dataset, stdlib_documents, train_tokenizer  # noqa: E402
 from minitrain.train import train  # noqa: E402
 from minitrain.train_config import TrainConfig  # noqa: E402
+from _runs import cli_flags, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = dict(device="cpu", max_steps=4, seq_len=32, batch_size=4, layers=2, log_every=1, save_every=2, progress=False,
             tensorboard=False, plot=False, sample_tokens=0, num_threads=1, eval_batches=2)
-
-
-def _flags(cfg: dict) -> list[str]:
-    out = []
-    for k, v in cfg.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
-    return out
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _torchrun(args, tmp_path):
@@ -50,8 +38,8 @@ def test_fsdp2_gloo_two_ranks_equal_one_process(tmp_path):
     # one process, 2 micro-batches of 2 sequences = two ranks, 1 micro-batch of 2 sequences each
     train(TrainConfig(data=data, out=str(tmp_path / "one"), grad_accum=2, **ARGS))
     two = tmp_path / "two"
-    _torchrun(_flags(dict(data=data, out=str(two), **ARGS)), tmp_path)
-    a, b = _metrics(tmp_path / "one"), _metrics(two)
+    _torchrun(cli_flags(dict(data=data, out=str(two), **ARGS)), tmp_path)
+    a, b = read_metrics(tmp_path / "one"), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-6, (x, y)
@@ -68,6 +56,6 @@ def test_fsdp2_gloo_two_ranks_equal_one_process(tmp_path):
     ck = two / "checkpoints"
     assert len(list((ck / "step_000002").glob("*.distcp"))) == 2
     (ck / "latest").write_text("step_000002\n")
-    _torchrun(_flags(dict(data=data, out=str(two), resume=True, **ARGS)), tmp_path)
-    c = _metrics(two)
+    _torchrun(cli_flags(dict(data=data, out=str(two), resume=True, **ARGS)), tmp_path)
+    c = read_metrics(two)
     assert [r["loss"] for r in c] == [r["loss"] for r in b]

@@ -38,6 +38,7 @@ from minitrain.data import DataError, build_dataset, stdlib_documents, train_tok
 from minitrain.guard import BadStepError  # noqa: E402
 from minitrain.train import train  # noqa: E402
 from minitrain.train_config import TrainConfig  # noqa: E402
+from _runs import cli_flags, read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 layers of the tiny preset (width 256), 2 sequences of 32 tokens a step: ~0.1 s a step on one thread
@@ -66,22 +67,12 @@ def reference(data_dir, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _flags(cfg: dict) -> list[str]:
-    out = []
-    for k, v in cfg.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag if v else "--no-" + flag[2:]] if isinstance(v, bool) else [flag, str(v)]
-    return out
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _records(out) -> list[dict]:
     """metrics.jsonl without the timings (NaN made comparable)."""
     nan = lambda v: "NaN" if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
-    return [{k: nan(v) for k, v in r.items() if k not in TIMING} for r in _metrics(out)]
+    return [{k: nan(v) for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
 
 
 def _equal(a, b) -> bool:
@@ -182,7 +173,7 @@ def _run_until_halt(point: str, args: list[str], log: Path) -> None:
 @pytest.mark.parametrize("point", _trials())
 def test_kill9_then_resume_equals_uninterrupted(point, reference, data_dir, tmp_path):
     out = tmp_path / "run"
-    args = _flags(dict(data=data_dir, out=str(out), **RUN))
+    args = cli_flags(dict(data=data_dir, out=str(out), **RUN))
     _run_until_halt(point, args, tmp_path / "stderr.txt")
 
     ck = out / "checkpoints"
@@ -190,7 +181,7 @@ def test_kill9_then_resume_equals_uninterrupted(point, reference, data_dir, tmp_
     latest = ckpt.latest_checkpoint(ck)
     assert (latest.name if latest else None) == want, (point, latest)
     if latest is None:  # records of steps no checkpoint holds: the resume must drop them
-        assert _metrics(out)[0]["step"] == 1
+        assert read_metrics(out)[0]["step"] == 1
     else:
         ckpt.verify(latest)  # the last complete checkpoint is intact
         _assert_same_checkpoint(reference / "checkpoints" / want, latest)
@@ -261,7 +252,7 @@ def test_resume_refuses_a_broken_latest_and_names_the_fallback(damage, reference
                                               f"checkpoint is step_000006: .*write 'step_000006' into "
                                               f"{re.escape(str(run / 'checkpoints' / 'latest'))}"):
         train(TrainConfig(resume=True, **cfg))
-    assert main(["train", *_flags(cfg), "--resume"]) == 2  # the CLI: the same message, no traceback
+    assert main(["train", *cli_flags(cfg), "--resume"]) == 2  # the CLI: the same message, no traceback
     assert f"error: --resume refused: checkpoint {f.parent} is corrupted: {f}" in capsys.readouterr().err
     assert _snapshot(run) == before  # nothing written
 
@@ -295,7 +286,7 @@ def test_a_broken_data_shard_is_named(damage, reference, data_dir, tmp_path, cap
     shutil.copytree(reference, run)
     (run / "checkpoints" / "latest").write_text("step_000003\n")
     before = _snapshot(run)
-    assert main(["train", *_flags(dict(data=str(broken), out=str(run), **RUN)), "--resume"]) == 2
+    assert main(["train", *cli_flags(dict(data=str(broken), out=str(run), **RUN)), "--resume"]) == 2
     assert f"error: shard {shard} is corrupted" in capsys.readouterr().err
     assert _snapshot(run) == before
 
@@ -318,12 +309,12 @@ def _ck(out, step):
 
 
 def test_skip_policy_leaves_bad_steps_without_effect(clean, data_dir, tmp_path, monkeypatch):
-    assert all(r["skipped_steps"] == 0 and "skipped" not in r for r in _metrics(clean))
+    assert all(r["skipped_steps"] == 0 and "skipped" not in r for r in read_metrics(clean))
     monkeypatch.setenv("MINITRAIN_FAULTS", json.dumps({"poison": POISON}))
     out = tmp_path / "run"
     cfg = dict(data=data_dir, out=str(out), on_nonfinite="skip", loss_spike_factor=3.0, **POLICY)
     train(TrainConfig(**cfg))
-    recs, ref = _metrics(out), _metrics(clean)
+    recs, ref = read_metrics(out), read_metrics(clean)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert [r.get("skipped", False) for r in recs] == [False, True, True, False, True, False]
     assert [r["skipped_steps"] for r in recs] == [0, 1, 2, 2, 3, 3]
@@ -363,14 +354,14 @@ def test_stop_policy_exits_non_zero_and_saves_nothing(clean, data_dir, tmp_path,
     out = tmp_path / "run"
     cfg = dict(data=data_dir, out=str(out), **POLICY)  # --on-nonfinite stop is the default
     monkeypatch.setenv("MINITRAIN_FAULTS", json.dumps({"poison": {"3": "nan"}}))
-    assert main(["train", *_flags(cfg)]) == 3
+    assert main(["train", *cli_flags(cfg)]) == 3
     err = capsys.readouterr().err
     assert ("error: step 3: the loss is nan; stopping (--on-nonfinite stop): nothing of this step was applied "
             f"or saved; the last checkpoint is {_ck(out, 2)}") in err
     assert ckpt.latest_checkpoint(out / "checkpoints") == _ck(out, 2)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
     _assert_same_checkpoint(_ck(clean, 2), _ck(out, 2))
-    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
     monkeypatch.setenv("MINITRAIN_FAULTS", json.dumps({"poison": {"2": "spike"}}))
     with pytest.raises(BadStepError, match=r"step 2: the loss .* spikes above 3 × .*the mean of the last 1 accepted"):
