@@ -17,6 +17,11 @@
 # caps them all together: a step gets at most what is left of it (steps run in order of priority).
 # PYTHON picks the interpreter (python3).
 # Where the tree was copied without .git, name the commit for the metadata: BENCH_GIT_SHA=<sha>.
+# Measured on an H200 (2026-11-26, benchmarks/results/h200-20261126-run*.log): build 61 s; GPU tests
+# without Triton (TEST_K="not triton") 58 s on 8 xdist workers; sanitize 24 s; benchmarks with every
+# provider > 150 s (reached linear_ce of 7 ops), --providers cuda 78 s; bench-model 20 s. A start
+# costs 1-2 device-minutes: with 15 minutes, plan one full call, or two that split the benchmarks
+# (BENCH_OPS / BENCH_ARGS="--providers ...") and merge them (python -m benchmarks.report --merge).
 # Dry run of the non-GPU parts on a CPU machine:
 #   SKIP="build tests sanitize" BENCH_ARGS="--device cpu --quick" PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh /tmp/g
 set -uo pipefail

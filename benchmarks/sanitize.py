@@ -223,10 +223,12 @@ def drive(tools, backends, timeout, log_path) -> int:
                 verdict = "TIMED OUT"
             elif not work or work.group(1) == "0":
                 verdict = "error (no kernel ran)"
-            elif errors == 0 and rc == 0:
-                verdict = "clean"
             elif errors:
                 verdict = f"UNCLEAN ({errors} errors)"
+            elif work.group(2) != "0":
+                verdict = f"WRONG ({work.group(2)} results)"
+            elif errors == 0 and rc == 0:
+                verdict = "clean"
             else:
                 verdict = f"error (exit {rc})"
             bad += verdict != "clean"
