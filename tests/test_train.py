@@ -18,6 +18,7 @@ from minitrain.data import DataError, build_dataset, stdlib_documents, train_tok
 from minitrain.model import Baichuan2  # noqa: E402
 from minitrain.train import flops_per_token, lr_at, train  # noqa: E402
 from minitrain.train_config import TrainConfig  # noqa: E402
+from _runs import read_metrics  # noqa: E402
 
 QUICK = dict(device="cpu", seq_len=32, batch_size=4, layers=2, log_every=1, progress=False, tensorboard=False, plot=False,
              sample_tokens=0, export_hf=True, num_threads=1)
@@ -30,10 +31,6 @@ def data_dir(tmp_path_factory):
     return str(build_dataset(tmp / "data", docs, train_tokenizer(docs, str(tmp / "tok"), 512)))
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 def _weights(out):
     from safetensors.torch import load_file
 
@@ -41,8 +38,8 @@ def _weights(out):
 
 
 def _assert_same_run(a, b, from_step):
-    la = {r["step"]: r["loss"] for r in _metrics(a)}
-    lb = {r["step"]: r["loss"] for r in _metrics(b)}
+    la = {r["step"]: r["loss"] for r in read_metrics(a)}
+    lb = {r["step"]: r["loss"] for r in read_metrics(b)}
     assert set(la) == set(lb)
     assert all(la[s] == lb[s] for s in la if s > from_step), (la, lb)
     wa, wb = _weights(a), _weights(b)
@@ -64,7 +61,7 @@ def test_default_job_shortened_learns(tmp_path):
                "--seq-len", "32", "--batch-size", "8", "--layers", "2", "--out", str(out), "--save-every", "0",
                "--sample-tokens", "8", "--log-every", "5", "--no-progress", "--num-threads", "1", "--device", "cpu"])
     assert rc == 0
-    recs = _metrics(out)
+    recs = read_metrics(out)
     assert recs[0]["step"] == 1 and recs[-1]["step"] == 30
     assert {"step", "loss", "ce", "z", "lr", "tokens_per_s", "grad_norm", "mfu", "peak_mem_gb"} <= set(recs[0])
     # At init the final RMSNorm gives ‖h‖ ≈ √D and NormHead rows are unit vectors, so the logits have
@@ -175,14 +172,14 @@ def test_activation_checkpointing_does_not_change_training(data_dir, tmp_path):
     cfg = dict(data=data_dir, max_steps=2, save_every=0, **{**QUICK, "export_hf": False})
     train(TrainConfig(out=str(tmp_path / "a"), **cfg))
     train(TrainConfig(out=str(tmp_path / "b"), activation_checkpointing="full", **cfg))
-    assert [r["loss"] for r in _metrics(tmp_path / "a")] == [r["loss"] for r in _metrics(tmp_path / "b")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [r["loss"] for r in read_metrics(tmp_path / "b")]
 
 
 def test_bf16_autocast_tracks_fp32(data_dir, tmp_path):
     cfg = dict(data=data_dir, max_steps=2, save_every=0, **{**QUICK, "export_hf": False})
     train(TrainConfig(out=str(tmp_path / "a"), **cfg))
     train(TrainConfig(out=str(tmp_path / "b"), dtype="bf16", **cfg))
-    for x, y in zip(_metrics(tmp_path / "a"), _metrics(tmp_path / "b")):
+    for x, y in zip(read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")):
         assert abs(x["loss"] - y["loss"]) < 0.05 and x["loss"] != y["loss"]
 
 
@@ -191,7 +188,7 @@ def test_train_and_bench_on_cuda(data_dir, tmp_path, capsys):
     """GPU path: bf16 autocast over fp32 master weights, fused AdamW, document masking, MFU reported."""
     cfg = {**QUICK, "device": "cuda", "export_hf": False, "log_every": 1}
     train(TrainConfig(data=data_dir, out=str(tmp_path / "run"), max_steps=8, save_every=4, **cfg))
-    recs = _metrics(tmp_path / "run")
+    recs = read_metrics(tmp_path / "run")
     assert all(math.isfinite(r["loss"]) for r in recs) and recs[-1]["loss"] < recs[0]["loss"]
     assert recs[-1]["peak_mem_gb"] > 0
     assert main(["bench-model", "--preset", "7b", "--layers", "1", "--seq", "512", "--steps", "2", "--device", "cuda"]) == 0
