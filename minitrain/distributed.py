@@ -16,9 +16,11 @@ checkpointed layer call, so the recomputation in backward sees gathered paramete
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 import warnings
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "cast_embedding_output",
-           "is_main", "shutdown_distributed", "barrier", "all_reduce", "world"]
+           "is_main", "shutdown_distributed", "exit_worker", "barrier", "all_reduce", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -55,13 +57,28 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def shutdown_distributed(sync: bool = True) -> None:
-    """Leave the process group (torchrun runs): without it, gloo's threads can abort the process at
-    exit ("terminate called without an active exception") after a successful run. ``sync`` waits for
-    the other ranks first (skip it on an error path: they may never arrive)."""
+    """Leave the process group (torchrun runs; then :func:`exit_worker`). ``sync`` waits for the other
+    ranks first (skip it on an error path: they may never arrive)."""
     if dist.is_available() and dist.is_initialized():
         if sync:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker with ``code`` now, without interpreter finalization.
+
+    After the last collective returns, a gloo worker thread can still hold the last reference to a
+    finished collective (a barrier keeps the collectives before it alive) and drop it a moment later;
+    freeing its tensors takes the GIL, and a thread that takes the GIL during finalization is unwound
+    through a noexcept destructor: SIGABRT, "terminate called without an active exception", after a
+    run that succeeded (seen in about 1 of 30 two-rank runs on a loaded machine; core dump:
+    ``runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref_pyobject -> take_gil ->
+    pthread_exit``). Everything the trainer writes is closed and synced before this is called."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
