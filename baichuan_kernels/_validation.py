@@ -68,3 +68,46 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero) or value != value:
         raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+
+
+def shares_elements(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
+    """Whether two strided tensors of one device share an element of memory: True or False, exactly,
+    when both lie in disjoint byte ranges or are same-shape, same-stride views whose strides nest
+    (each at least the span of the ones below: every layout a dense tensor's views have); None when
+    the layouts are too irregular to decide cheaply. No memory is touched: offsets only."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def byte_span(t: torch.Tensor) -> tuple[int, int]:  # [first, last] byte offsets into the storage
+        lo = hi = t.storage_offset()
+        for n, s in zip(t.shape, t.stride()):
+            lo, hi = lo + min(0, (n - 1) * s), hi + max(0, (n - 1) * s)
+        return lo * t.element_size(), (hi + 1) * t.element_size() - 1
+
+    (alo, ahi), (blo, bhi) = byte_span(a), byte_span(b)
+    if ahi < blo or bhi < alo:
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape or a.stride() != b.stride():
+        return None
+    dims = sorted((abs(s), n) for n, s in zip(a.shape, a.stride()) if n > 1)  # ascending strides
+    if any(s == 0 for s, _ in dims) or any(hi_s < lo_s * lo_n for (lo_s, lo_n), (hi_s, _) in zip(dims, dims[1:])):
+        return None
+    dims.reverse()
+
+    # Is d = sum(c_i * s_i) with |c_i| < n_i? With nested strides the lower terms sum to less than s_i
+    # in magnitude, so c_i is d / s_i rounded down or up: at most two branches per dimension.
+    def reachable(d: int, i: int) -> bool:
+        if i == len(dims):
+            return d == 0
+        s, n = dims[i]
+        return any(abs(c) < n and reachable(d - c * s, i + 1) for c in {d // s, -(-d // s)})
+
+    return reachable(abs(b.storage_offset() - a.storage_offset()), 0)
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` address exactly the same elements in the same order."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr())

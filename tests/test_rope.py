@@ -7,6 +7,7 @@ import torch
 import baichuan_kernels as bk
 from baichuan_kernels.reference.rope import apply_rope_ref, rope_cos_sin_ref
 from baichuan_kernels.reference.split_qkv_rope import split_qkv_rope_ref
+from baichuan_kernels._validation import shares_elements
 from baichuan_kernels.testing import DTYPES, assert_within_reference_error, make_tensor, poisoned_outputs
 from _backends import kernel_backends
 
@@ -156,6 +157,62 @@ def test_apply_rope_inplace_on_wpack_views(device, backend, dtype):
         assert_within_reference_error(g, s, e, name=f"in-place {backend} {dtype} {name}")
     assert torch.equal(v, v_before)
     torch.testing.assert_close(qkv.view(B, T, 3, H, Dh)[:, :, 0], q, rtol=0, atol=0)
+
+
+def _element_offsets(t):
+    return set((t.storage_offset() + sum(i * s for i, s in zip(idx, t.stride())) for idx in
+                __import__("itertools").product(*map(range, t.shape))))
+
+
+def test_shares_elements_matches_enumeration():
+    # every answer it gives is exact; views of one dense layout (nested strides, gaps allowed) are
+    # always decided, irregular strides may be "unknown" (None)
+    rng = __import__("random").Random(7)
+    base, decided = torch.empty(6000), 0
+    for _ in range(3000):
+        shape = [rng.randint(1, 4) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.5:
+            strides, acc = [0] * len(shape), 1
+            for d in rng.sample(range(len(shape)), len(shape)):
+                strides[d], acc = acc, acc * shape[d] * rng.choice((1, 1, 2))
+            nested, b_shape, b_strides = True, shape, strides
+        else:
+            strides = [rng.randint(1, 9) for _ in shape]
+            same = rng.random() < 0.5
+            nested, b_shape = False, shape
+            b_strides = strides if same else [rng.randint(1, 9) for _ in shape]
+        a = base.as_strided(shape, strides, rng.randint(0, 150))
+        b = base.as_strided(b_shape, b_strides, rng.randint(0, 150))
+        got = shares_elements(a, b)
+        assert got is not None or not nested, (shape, strides)
+        if got is not None:
+            decided += 1
+            assert got == bool(_element_offsets(a) & _element_offsets(b)), (shape, strides, b_strides)
+    assert decided > 2000
+    assert shares_elements(torch.empty(3), torch.empty(3)) is False  # different storages
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "reference")] + INPLACE_BACKENDS)
+def test_apply_rope_inplace_rejects_overlapping_q_k(device, backend):
+    B, T, H, Dh = 2, 5, 2, 8
+    cos, sin = rope_cos_sin_ref(T, Dh, device=device)
+    buf = make_tensor((B, T, 3 * H * Dh), torch.float32, device, seed=31)
+    before = buf.clone()
+    q = buf[..., : H * Dh].unflatten(-1, (H, Dh))
+    k = buf[..., Dh: Dh + H * Dh].unflatten(-1, (H, Dh))  # k's first head is q's second
+    with pytest.raises(ValueError, match="q and k share memory"):
+        bk.apply_rope_(q, k, cos, sin, backend=backend)
+    with pytest.raises(ValueError, match="q and k share memory"):  # a layout too irregular to decide
+        bk.apply_rope_(q, buf[..., : H * Dh].unflatten(-1, (Dh, H)).transpose(-1, -2), cos, sin, backend=backend)
+    assert torch.equal(buf, before)  # nothing written
+    # one tensor given as both (another view object): rotated once, by the reference
+    want, _ = apply_rope_ref(q, q, cos, sin)
+    if backend == "reference":
+        bk.apply_rope_(q, q.view_as(q), cos, sin, backend=backend)
+        torch.testing.assert_close(q, want, rtol=0, atol=0)
+    else:
+        with pytest.raises(ValueError, match="must be different tensors"):
+            bk.apply_rope_(q, q.view_as(q), cos, sin, backend=backend)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

@@ -26,6 +26,8 @@ from .._validation import (
     check_same_dtype,
     check_shape,
     check_tensor,
+    same_view,
+    shares_elements,
 )
 from ..reference.rope import apply_rope_ref, rope_cos_sin_ref
 from ..registry import Backend, Impl
@@ -116,8 +118,8 @@ def _inplace_limits(q, k, cos, sin, position_ids=None) -> Optional[str]:
         return "the in-place kernels have no autograd (use apply_rope for training)"
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         return "the in-place kernels need q and k with unit stride along Dh"
-    if q is k:
-        return "q and k must be different tensors"
+    if q is k or (not torch.compiler.is_compiling() and same_view(q, k)):
+        return "q and k must be different tensors (the reference rotates one tensor given as both)"
     return kernel_limits(q, cos, sin)
 
 
@@ -257,6 +259,13 @@ def apply_rope_(
                     f"{name} has elements that share memory (e.g. an expanded view, stride {tuple(t.stride())}): "
                     "it cannot be rotated in place; pass a dense tensor, or use apply_rope"
                 )
+        if not same_view(q, k) and shares_elements(q, k) is not False:
+            raise ValueError(
+                "q and k share memory (overlapping views of one buffer, or a layout too irregular to rule "
+                f"that out: q strides {tuple(q.stride())} at offset {q.storage_offset()}, k strides "
+                f"{tuple(k.stride())} at offset {k.storage_offset()}): they cannot both be rotated in place; "
+                "pass disjoint views (e.g. the q and k slices of the W_pack output), or use apply_rope"
+            )
     chosen = registry.resolve(
         "apply_rope_", backend, (q, k, cos, sin, position_ids), q, k, cos, sin, position_ids=position_ids
     )
