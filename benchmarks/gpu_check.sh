@@ -9,6 +9,7 @@
 #   OUT_DIR/gpu_check.log                        everything printed below
 #   OUT_DIR/build.log, OUT_DIR/tests.log         the build and pytest logs
 #   OUT_DIR/sanitize.log                         compute-sanitizer memcheck + racecheck of every CUDA kernel
+#   OUT_DIR/backtrace.log                        a raw CUDA op's bad-input error run under cuda-gdb
 #   OUT_DIR/bench/<device>-<yyyymmdd>.json|.md|.png   results (committable: benchmarks/results/README.md)
 #
 # Python wheels the image lacks (liger-kernel, ...) travel in .whl/*.whl and are installed with
@@ -122,6 +123,21 @@ print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"c
     run_step "tests on the GPU" "${TEST_TIMEOUT:-120}" "$OUT_DIR/tests.log" \
         "$PY" -m pytest tests -q -m "(cuda or gpu_check) and not slow" -p no:cacheprovider --maxfail=30 -rfE --tb=short "${xdist[@]}" ${TEST_K:+-k "$TEST_K"}
 
+    # The H200 run of 687c618 segfaulted where a raw CUDA op should raise (head dim 32 given to
+    # torch.ops.baichuan.attention_fwd). The host-side backtrace of that call, when cuda-gdb is there.
+    run_step "raw-op error under cuda-gdb" 45 "$OUT_DIR/backtrace.log" bash -c '
+        command -v cuda-gdb >/dev/null || { echo "cuda-gdb: not on PATH"; exit 0; }
+        cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 40" --args "$0" -c "
+import torch, baichuan_kernels
+q = torch.randn(5, 2, 32, device=\"cuda\", dtype=torch.float16)
+cu = torch.tensor([0, 5], device=\"cuda\", dtype=torch.int32)
+try:
+    torch.ops.baichuan.attention_fwd(q, q, q, cu, None, 0.1, True, 5)
+    print(\"PROBE: no error raised\")
+except RuntimeError as e:
+    print(\"PROBE: raised:\", str(e).splitlines()[0])
+"' "$PY"
+
     # Every CUDA kernel under compute-sanitizer memcheck + racecheck at small shapes (clean / UNCLEAN).
     local st=${SANITIZE_TIMEOUT:-90}
     run_step "sanitize (compute-sanitizer memcheck, racecheck)" "$st" - \
@@ -147,6 +163,9 @@ print(\"rms_norm backends:\", bk.available_backends(\"rms_norm\")); assert i[\"c
     echo "=== GPU tests ==="
     grep -E "^(FAILED|ERROR) " "$OUT_DIR/tests.log" 2>/dev/null | cut -c1-200 | head -n 25
     tail -n 1 "$OUT_DIR/tests.log" 2>/dev/null
+    echo
+    echo "=== raw-op error probe ==="
+    grep -E "^PROBE|SIGSEGV|^#[0-9]+ " "$OUT_DIR/backtrace.log" 2>/dev/null | cut -c1-200 | head -n 25
     echo
     echo "=== sanitizer ==="
     sed -n '/^===== verdict/,$p' "$OUT_DIR/sanitize.log" 2>/dev/null | tail -n +2
