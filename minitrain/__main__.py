@@ -176,7 +176,7 @@ def _train(p: argparse.ArgumentParser):
     def run(args) -> int:
         from .checkpoint import CheckpointError
         from .data import DataError
-        from .distributed import exit_worker, shutdown_distributed, world
+        from .distributed import finish, shutdown_distributed
         from .train import BadStepError, train
 
         try:
@@ -187,18 +187,13 @@ def _train(p: argparse.ArgumentParser):
         try:
             train(cfg)
         except (BadStepError, CheckpointError, DataError) as exc:  # a clear message, no traceback
-            distributed = world()[1] > 1
-            shutdown_distributed(sync=False)  # a failed rank must not wait in a barrier for the others
             print(f"error: {exc}", file=sys.stderr)
-            code = 3 if isinstance(exc, BadStepError) else 2
-            return exit_worker(code) if distributed else code
+            # a failed rank must not wait in a barrier for the others
+            return finish(3 if isinstance(exc, BadStepError) else 2, sync=False)
         except BaseException:
             shutdown_distributed(sync=False)  # a failed rank must not wait in a barrier for the others
             raise
-        distributed = world()[1] > 1
-        shutdown_distributed()
-        # a torchrun worker skips interpreter finalization: gloo's threads can abort it there
-        return exit_worker(0) if distributed else 0
+        return finish(0)  # a torchrun worker ends here, skipping finalization (gloo's threads can abort it)
 
     return run
 

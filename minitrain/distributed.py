@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import NoReturn, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "cast_embedding_output",
-           "is_main", "shutdown_distributed", "exit_worker", "barrier", "all_reduce", "world"]
+           "is_main", "shutdown_distributed", "finish", "barrier", "all_reduce", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -57,16 +57,17 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def shutdown_distributed(sync: bool = True) -> None:
-    """Leave the process group (torchrun runs; then :func:`exit_worker`). ``sync`` waits for the other
-    ranks first (skip it on an error path: they may never arrive)."""
+    """Leave the process group (torchrun runs). ``sync`` waits for the other ranks first (skip it on an
+    error path: they may never arrive)."""
     if dist.is_available() and dist.is_initialized():
         if sync:
             dist.barrier()
         dist.destroy_process_group()
 
 
-def exit_worker(code: int) -> NoReturn:
-    """End a torchrun worker with ``code`` now, without interpreter finalization.
+def finish(code: int, sync: bool = True) -> int:
+    """Leave the process group (see :func:`shutdown_distributed`) and return ``code``; a torchrun worker
+    instead ends the process with ``code`` at once, without interpreter finalization.
 
     After the last collective returns, a gloo worker thread can still hold the last reference to a
     finished collective (a barrier keeps the collectives before it alive) and drop it a moment later;
@@ -75,6 +76,10 @@ def exit_worker(code: int) -> NoReturn:
     run that succeeded (seen in about 1 of 30 two-rank runs on a loaded machine; core dump:
     ``runLoop -> ~AsyncBarrierWork -> ~AsyncAllgatherCoalescedWork -> decref_pyobject -> take_gil ->
     pthread_exit``). Everything the trainer writes is closed and synced before this is called."""
+    distributed = world()[1] > 1
+    shutdown_distributed(sync)
+    if not distributed:
+        return code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

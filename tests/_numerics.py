@@ -2,6 +2,7 @@
 that may hold NaN/±inf, and running an op where a GPU backend may decline the inputs."""
 
 import pytest
+import torch
 
 from baichuan_kernels.testing import assert_within_reference_error, poisoned_outputs
 from _backends import kernel_backends
@@ -44,6 +45,16 @@ def run(device, op, *args, **kwargs):
 def leaves(*tensors, dtype=None):
     """Fresh leaf copies requiring grad (float64 when dtype is given)."""
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+def assert_grads_contract(outs, inputs, dy, names, tag):
+    """The gradients of (kernel, same-dtype reference, float64 reference) outputs ``outs`` w.r.t. the
+    matching tuples in ``inputs``, for upstream gradient ``dy``, each held to :func:`assert_contract`."""
+    got = torch.autograd.grad(outs[0], inputs[0], dy.to(outs[0].device))
+    same = torch.autograd.grad(outs[1], inputs[1], dy)
+    exact = torch.autograd.grad(outs[2], inputs[2], dy.double())
+    for n, g, s, e in zip(names, got, same, exact):
+        assert_contract(g, s, e, f"{tag} {n}")
 
 
 def backends(op):

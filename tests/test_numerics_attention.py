@@ -18,7 +18,7 @@ import baichuan_kernels as bk
 from baichuan_kernels.reference.attention import attention_ref
 from baichuan_kernels.reference.decode_attention import decode_attention_ref
 from baichuan_kernels.testing import DTYPES, make_tensor
-from _numerics import assert_contract, backends, leaves, run
+from _numerics import assert_contract, assert_grads_contract, backends, leaves, run
 
 NAN, INF = float("nan"), float("inf")
 
@@ -37,12 +37,8 @@ def _attention_check(device, backend, q, k, v, grads=False, seed=20, **kw):
     out6 = attention_ref(q6, k6, v6, **kw)
     assert_contract(out, outr, out6, f"{backend} attention out")
     if grads:
-        do = make_tensor(q.shape, q.dtype, seed=seed)
-        got = torch.autograd.grad(out, (qs, ks, vs), do.to(device))
-        same = torch.autograd.grad(outr, (qr, kr, vr), do)
-        exact = torch.autograd.grad(out6, (q6, k6, v6), do.double())
-        for n, a, s, e in zip(("dq", "dk", "dv"), got, same, exact):
-            assert_contract(a, s, e, f"{backend} attention {n}")
+        assert_grads_contract((out, outr, out6), ((qs, ks, vs), (qr, kr, vr), (q6, k6, v6)),
+                              make_tensor(q.shape, q.dtype, seed=seed), ("dq", "dk", "dv"), f"{backend} attention")
     return out
 
 
