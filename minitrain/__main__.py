@@ -8,6 +8,7 @@ subcommand is adding one such function (here or in a module imported here).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable
 
@@ -34,6 +35,49 @@ def _dtype(name):
     return None if name is None else getattr(torch, _DTYPES[name])
 
 
+_POS_EMB_HELP = ("position encoding of an HF directory: rope (Baichuan2-7B) | alibi (Baichuan2-13B). Default: "
+                 "decided from the directory's evidence (config.json pos_emb, modeling_baichuan.py, rotary keys, "
+                 "released shapes); an error when it conflicts or is missing")
+
+
+def _add_pos_emb(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pos-emb", choices=("rope", "alibi"), default=None, help=_POS_EMB_HELP)
+
+
+def _load_model_or_exit(src, **kwargs):
+    """:func:`minitrain.hf.load_model`, or (None, 2) after printing a one-line error for an unknown or
+    contradicted position encoding (no traceback: the message says what to pass)."""
+    from .hf import PositionEncodingError, load_model
+
+    try:
+        return load_model(src, **kwargs), 0
+    except PositionEncodingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (main() may run many times in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _setup_logging() -> None:
+    """INFO lines of the ``minitrain`` loggers (e.g. ``minitrain.hf: position encoding: ...``) on stderr."""
+    log = logging.getLogger("minitrain")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 @command("generate", "generate text from an HF Baichuan 2 directory or a minitrain model file")
 def _generate(p: argparse.ArgumentParser):
     p.add_argument("model", help="HF-format directory (config.json + weights), a minitrain .pt model file or a "
@@ -55,6 +99,7 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--backend", default=None, help="kernel backend for every op (default: the config's, 'auto')")
     p.add_argument("--bits", type=int, choices=_BITS, help="quantize the projections on load (weight-only int4/int8)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size with --bits 4 (32, 64 or 128)")
+    _add_pos_emb(p)
 
     def run(args) -> int:
         import os
@@ -62,7 +107,7 @@ def _generate(p: argparse.ArgumentParser):
         import torch
 
         from .generate import GenerationConfig, generate
-        from .hf import load_model
+        from .hf import check_pos_emb_matches
         from .quantized import is_quantized_file, load_quantized_model, quantize
 
         if is_quantized_file(args.model):
@@ -71,8 +116,16 @@ def _generate(p: argparse.ArgumentParser):
                 return 2
             model = load_quantized_model(args.model, dtype=_dtype(args.dtype), device=args.device,
                                          backend=args.backend)
+            try:
+                check_pos_emb_matches(args.pos_emb, model.config, args.model)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         else:
-            model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+            model, rc = _load_model_or_exit(args.model, dtype=_dtype(args.dtype), device=args.device,
+                                            backend=args.backend, pos_emb=args.pos_emb)
+            if model is None:
+                return rc
             if args.bits is not None:
                 try:
                     quantize(model, args.bits, args.group_size)
@@ -121,14 +174,17 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: keep the source dtype")
     p.add_argument("--bin", action="store_true", help="HF output as pytorch_model*.bin instead of safetensors")
     p.add_argument("--max-shard-size", type=float, default=None, help="HF output shard size in GB (default: one file)")
+    _add_pos_emb(p)
 
     def run(args) -> int:
         from pathlib import Path
 
-        from .hf import load_model, save_checkpoint, save_hf_checkpoint
+        from .hf import save_checkpoint, save_hf_checkpoint
 
         to = args.to or ("minitrain" if Path(args.src).is_dir() else "hf")
-        model = load_model(args.src, dtype=_dtype(args.dtype))
+        model, rc = _load_model_or_exit(args.src, dtype=_dtype(args.dtype), pos_emb=args.pos_emb)
+        if model is None:
+            return rc
         if to == "hf":
             shard = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
             save_hf_checkpoint(model, args.dst, safetensors=not args.bin, max_shard_size=shard)
@@ -148,12 +204,14 @@ def _quantize(p: argparse.ArgumentParser):
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128; ignored for 8 bits)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the unquantized tensors (default: the source's)")
     p.add_argument("--device", default="cpu", help="where to quantize (e.g. cuda; the file is written from CPU)")
+    _add_pos_emb(p)
 
     def run(args) -> int:
-        from .hf import load_model
         from .quantized import quantize, save_quantized_model
 
-        model = load_model(args.src, dtype=_dtype(args.dtype), device=args.device)
+        model, rc = _load_model_or_exit(args.src, dtype=_dtype(args.dtype), device=args.device, pos_emb=args.pos_emb)
+        if model is None:
+            return rc
         try:
             quantize(model, args.bits, args.group_size)
         except ValueError as exc:
@@ -226,6 +284,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=setup(p))
     args = parser.parse_args(argv)
+    _setup_logging()
     return args.run(args)
 
 

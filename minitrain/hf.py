@@ -10,11 +10,15 @@ Files: ``model.safetensors`` / ``pytorch_model.bin`` (single) or ``*.index.json`
 (``{"metadata": {"total_size": bytes}, "weight_map": {key: file}}``). ``.bin`` files are read with
 ``torch.load(weights_only=True, mmap=True)``.
 
-config.json → position encoding: our own ``"pos_emb"`` field when present (we always write it);
-otherwise the released files decide it: the 7B config has ``max_position_embeddings`` (the RoPE table)
-and the 13B config does not (ALiBi, sized by ``model_max_length``). ``"norm_head"`` defaults to true
-(every Baichuan 2 checkpoint). Our checkpoints written by :func:`save_hf_checkpoint` keep the official
-fields, so the original ``modeling_baichuan.py`` files can load them.
+config.json → position encoding (RoPE for 7B, ALiBi for 13B): decided from evidence, never guessed, by
+:mod:`minitrain.hf_pos_emb` — our ``"pos_emb"`` field (we always write it), the directory's own
+``modeling_baichuan.py`` (parsed, not run), a ``rotary_emb.inv_freq`` key in the state dict, the released
+shapes (4096/32 layers = 7B, 5120/40 = 13B). Conflicting or absent evidence raises
+:class:`~minitrain.hf_pos_emb.PositionEncodingError`; ``pos_emb=`` (CLI ``--pos-emb``) overrides.
+``max_position_embeddings`` decides nothing. ``rotary_emb.inv_freq`` keys are checked against our RoPE
+frequencies and not loaded (we compute them). ``"norm_head"`` defaults to true (every Baichuan 2
+checkpoint). Our checkpoints written by :func:`save_hf_checkpoint` keep the official fields, so the
+original ``modeling_baichuan.py`` files can load them.
 
 Our own single-file format (``save_checkpoint`` / ``load_model``): ``torch.save({"format":
 "minitrain.model", "config": config_to_dict(config), "model": state_dict})``.
@@ -25,15 +29,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
 from .config import Baichuan2Config, config_from_dict, config_to_dict
+from .hf_pos_emb import ROTARY_KEY_SUFFIX, PositionEncodingError, decide_pos_emb
 from .model import Baichuan2
 
 __all__ = ["config_from_hf", "config_to_hf", "load_hf_checkpoint", "save_hf_checkpoint", "read_hf_state_dict",
-           "save_checkpoint", "load_model", "CheckpointMismatchError"]
+           "save_checkpoint", "load_model", "check_pos_emb_matches", "CheckpointMismatchError",
+           "PositionEncodingError"]
 
 PathLike = Union[str, os.PathLike]
 SAFE_INDEX, SAFE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -46,8 +52,14 @@ class CheckpointMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ config
-def config_from_hf(d: dict[str, Any], **overrides: Any) -> Baichuan2Config:
-    """Our config from a Baichuan 2 ``config.json`` dict (``overrides``: e.g. ``backend="cpu"``)."""
+def config_from_hf(d: dict[str, Any], *, pos_emb: Optional[str] = None, directory: Optional[PathLike] = None,
+                   state_dict_keys: Optional[Iterable[str]] = None, **overrides: Any) -> Baichuan2Config:
+    """Our config from a Baichuan 2 ``config.json`` dict (``overrides``: e.g. ``backend="cpu"``).
+
+    The position encoding comes from evidence (:func:`minitrain.hf_pos_emb.decide_pos_emb`): ``d``'s
+    ``pos_emb`` field and released shapes, plus ``directory``'s modeling file and ``state_dict_keys``'
+    rotary buffers when given. ``pos_emb`` ("rope" | "alibi") overrides all of it. Raises
+    :class:`PositionEncodingError` on conflicting or no evidence."""
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in required if k not in d]
     if missing:
@@ -57,7 +69,9 @@ def config_from_hf(d: dict[str, Any], **overrides: Any) -> Baichuan2Config:
     kv_heads = d.get("num_key_value_heads", d["num_attention_heads"])
     if kv_heads != d["num_attention_heads"]:
         raise ValueError(f"num_key_value_heads={kv_heads}: Baichuan 2 is multi-head (no GQA)")
-    pos_emb = d.get("pos_emb") or ("rope" if "max_position_embeddings" in d else "alibi")
+    where = "config.json" if directory is None else str(Path(directory))
+    pos_emb = decide_pos_emb(d, override=pos_emb, directory=None if directory is None else Path(directory),
+                             state_dict_keys=state_dict_keys, where=where)
     max_len = d.get("model_max_length", d.get("max_position_embeddings", 4096))
     fields = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -154,30 +168,64 @@ def _check_keys(found: dict[str, tuple], expected: dict[str, tuple], where: str)
             + block("mis-shaped keys", misshaped))
 
 
+def _drop_rotary_buffers(shards: dict[Path, dict[str, Any]], config: Baichuan2Config, where: str) -> None:
+    """Remove ``*.rotary_emb.inv_freq`` keys (some exporters store them; we compute the frequencies) from a
+    RoPE checkpoint after checking each equals ours (``rope_theta``, head_dim). ALiBi: left for _check_keys."""
+    if config.pos_emb != "rope":
+        return
+    dh = config.head_dim
+    ours = 1.0 / config.rope_theta ** (torch.arange(0, dh, 2, dtype=torch.float64) / dh)  # [Dh/2]
+    for shard in shards.values():
+        for key in [k for k in shard if k.endswith(ROTARY_KEY_SUFFIX)]:
+            t = _load(shard.pop(key))
+            eps = max(torch.finfo(t.dtype).eps, torch.finfo(torch.float32).eps) if t.is_floating_point() else 0.0
+            if tuple(t.shape) != tuple(ours.shape) or not torch.allclose(t.double(), ours, rtol=4 * eps, atol=0.0):
+                raise CheckpointMismatchError(
+                    f"checkpoint {where}: {key} {tuple(t.shape)} is not the RoPE frequency table of head_dim {dh} "
+                    f"and rope_theta {config.rope_theta:g} (the config's)")
+
+
 def load_hf_checkpoint(path: PathLike, *, config: Optional[Baichuan2Config] = None,
                        dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
-                       backend: Optional[str] = None) -> Baichuan2:
+                       backend: Optional[str] = None, pos_emb: Optional[str] = None) -> Baichuan2:
     """Load an HF Baichuan 2 directory. ``config`` (default: from config.json) and ``backend``
     (overrides config's) choose the model; ``dtype`` defaults to the checkpoint's dtype. Every key and
-    shape is checked before any weight is copied; the model is filled one shard at a time."""
+    shape is checked before any weight is copied; the model is filled one shard at a time.
+
+    Position encoding: from the evidence in the directory (config.json, modeling_baichuan.py, the
+    state-dict keys, released shapes; see :mod:`minitrain.hf_pos_emb`), logged with its source; conflicting
+    or no evidence raises :class:`PositionEncodingError`. ``pos_emb`` ("rope" | "alibi") overrides the
+    evidence, as does an explicit ``config`` (its ``pos_emb``; both given must agree); a warning is logged
+    for each piece of evidence the override contradicts."""
     path = Path(path)
-    if config is None:
-        config = config_from_hf(json.loads((path / "config.json").read_text()))
-    if backend is not None:
-        config = config_from_dict({**config_to_dict(config), "backend": backend})
+    if config is not None and pos_emb is not None and pos_emb != config.pos_emb:
+        raise PositionEncodingError(f"pos_emb={pos_emb!r} contradicts the given config's pos_emb={config.pos_emb!r}")
     files, weight_map = _shard_files(path)
-    shards = {f: _open_file(f) for f in files}
+    shards = {f: _open_file(f) for f in files}  # safetensors: headers only; .bin: mmap'd
     found = {k: tuple(t.shape) for s in shards.values() for k, t in s.items()}
     if weight_map is not None:
         not_in_files = sorted(set(weight_map) - set(found))
         if not_in_files:
             raise CheckpointMismatchError(f"{path}: the index lists keys its shards lack: {not_in_files[:20]}")
+    if config is None or (path / "config.json").is_file():
+        hf = json.loads((path / "config.json").read_text())
+    else:
+        hf = {}  # an explicit config needs no config.json
+    if config is None:
+        config = config_from_hf(hf, pos_emb=pos_emb, directory=path, state_dict_keys=found)
+    else:  # explicit config: its pos_emb is the override (still logged, and checked against the evidence)
+        decide_pos_emb(hf, override=config.pos_emb, override_source="config= argument", directory=path,
+                       state_dict_keys=found, where=str(path))
+    if backend is not None:
+        config = config_from_dict({**config_to_dict(config), "backend": backend})
+    _drop_rotary_buffers(shards, config, str(path))
+    found = {k: tuple(t.shape) for s in shards.values() for k, t in s.items()}
     with torch.device("meta"):
         model = Baichuan2(config)
     params = model.state_dict(keep_vars=True)
     _check_keys(found, {k: tuple(v.shape) for k, v in params.items()}, str(path))
     if dtype is None:
-        dtype = _load(shards[files[0]][next(iter(shards[files[0]]))]).dtype
+        dtype = _load(next(t for s in shards.values() for t in s.values())).dtype
     model.materialize(device, dtype, init=False)
     params = model.state_dict(keep_vars=True)
     with torch.no_grad():
@@ -228,15 +276,25 @@ def save_checkpoint(model: Baichuan2, file: PathLike) -> None:
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, file)
 
 
+def check_pos_emb_matches(pos_emb: Optional[str], config: Baichuan2Config, path: PathLike) -> None:
+    """A ``pos_emb`` override given for a file that states its own config must agree with it."""
+    if pos_emb is not None and pos_emb != config.pos_emb:
+        raise PositionEncodingError(f"{path} is a minitrain file whose config says pos_emb={config.pos_emb!r}; "
+                         f"pos_emb={pos_emb!r} (--pos-emb) can only override what an HF directory's evidence says")
+
+
 def load_model(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
-               backend: Optional[str] = None) -> Baichuan2:
-    """An HF directory (see :func:`load_hf_checkpoint`) or a file written by :func:`save_checkpoint`."""
+               backend: Optional[str] = None, pos_emb: Optional[str] = None) -> Baichuan2:
+    """An HF directory (see :func:`load_hf_checkpoint`; ``pos_emb`` overrides its position-encoding
+    evidence) or a file written by :func:`save_checkpoint` (its config is explicit; ``pos_emb``, if given,
+    must agree with it)."""
     path = Path(path)
     if path.is_dir():
-        return load_hf_checkpoint(path, dtype=dtype, device=device, backend=backend)
+        return load_hf_checkpoint(path, dtype=dtype, device=device, backend=backend, pos_emb=pos_emb)
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != "minitrain.model":
         raise ValueError(f"{path} is neither an HF Baichuan 2 directory nor a minitrain model file")
+    check_pos_emb_matches(pos_emb, config_from_dict(blob["config"]), path)
     cfg = blob["config"] if backend is None else {**blob["config"], "backend": backend}
     with torch.device("meta"):
         model = Baichuan2(config_from_dict(cfg))

@@ -55,8 +55,32 @@ def hf_config_json(cfg):
     return d
 
 
-def write_official_checkpoint(path, cfg, *, fmt, shards, seed=0):
-    """A checkpoint laid out as released: raw random tensors under the official keys (no minitrain code)."""
+# Stand-ins for the released modeling_baichuan.py files (our own few lines, not the official code): the
+# identifiers the position-encoding detection reads (minitrain/hf_pos_emb.py), nothing else.
+MODELING = {
+    "rope": (
+        "import torch\n\n\n"
+        "class RotaryEmbedding(torch.nn.Module):\n"
+        "    pass\n\n\n"
+        "class Attention(torch.nn.Module):\n"
+        "    def __init__(self, config):\n"
+        "        super().__init__()\n"
+        "        self.rotary_emb = RotaryEmbedding()\n"),
+    "alibi": (
+        "def _get_interleave(n):\n"
+        "    return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]\n\n\n"
+        "def _gen_alibi_mask(tensor, n_head, max_pos):\n"
+        "    return None\n\n\n"
+        "class BaichuanModel:\n"
+        "    def __init__(self, config):\n"
+        "        self.alibi_mask = None\n"),
+}
+
+
+def write_official_checkpoint(path, cfg, *, fmt, shards, seed=0, modeling="auto", config_extra=None):
+    """A checkpoint laid out as released: raw random tensors under the official keys (no minitrain code),
+    config.json as released (+ ``config_extra``) and a modeling_baichuan.py stand-in (``modeling``: "auto" =
+    the one of cfg.pos_emb, as the released directories ship theirs; "rope" | "alibi" | None)."""
     g = torch.Generator().manual_seed(seed)
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
@@ -68,7 +92,10 @@ def write_official_checkpoint(path, cfg, *, fmt, shards, seed=0):
                        p + "mlp.down_proj.weight": (D, F)})
     tensors = {k: (torch.randn(s, generator=g) * 0.5).to(torch.bfloat16) for k, s in shapes.items()}
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config_json(cfg)))
+    (path / "config.json").write_text(json.dumps({**hf_config_json(cfg), **(config_extra or {})}))
+    modeling = cfg.pos_emb if modeling == "auto" else modeling
+    if modeling is not None:
+        (path / "modeling_baichuan.py").write_text(MODELING[modeling])
     keys = list(tensors)
     groups = [keys[i::shards] for i in range(shards)]
     stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
@@ -129,11 +156,13 @@ def test_loaded_model_runs_and_dtype_choice(tmp_path):
 
 
 def test_config_detection_and_round_trip():
+    for name in ("7b", "13b"):  # released layout, no pos_emb field: the released shapes decide
+        cfg = PRESETS[name]
+        assert config_from_hf(hf_config_json(cfg)) == cfg, name
     for name in ("7b", "13b", "tiny-rope", "tiny-alibi"):
         cfg = PRESETS[name]
-        official = hf_config_json(cfg)
-        assert config_from_hf(official) == cfg, name  # released layout, no pos_emb field
         assert config_from_hf(config_to_hf(cfg)) == cfg, name  # ours, explicit pos_emb
+        assert config_from_hf(hf_config_json(cfg), pos_emb=cfg.pos_emb) == cfg, name  # the override
     cfg = dataclasses.replace(PRESETS["tiny-alibi"], norm_head=False, z_loss_weight=2e-4)
     assert config_from_hf(config_to_hf(cfg)) == cfg
     with pytest.raises(ValueError, match="num_hidden_layers"):
@@ -150,8 +179,8 @@ def test_mismatched_checkpoint_is_one_error_listing_everything(tmp_path):
     sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(16)
     sd["model.norm.weight"] = torch.zeros(cfg.hidden_size + 1)
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointMismatchError) as info:
-        load_hf_checkpoint(tmp_path)
+    with pytest.raises(CheckpointMismatchError) as info:  # the rotary key is RoPE evidence: override it
+        load_hf_checkpoint(tmp_path, pos_emb="alibi")
     msg = str(info.value)
     assert "missing keys (1)" in msg and "model.layers.1.mlp.up_proj.weight" in msg
     assert "unexpected keys (1)" in msg and "rotary_emb.inv_freq" in msg
