@@ -4,7 +4,8 @@ The two sizes share every state-dict key, so the weights alone cannot say; a wro
 gives plausible, wrong logits. Nothing here guesses. Evidence, in order of precedence (the first one is
 named in the log line ``position encoding: alibi (from <source>)``, logger ``minitrain.hf``):
 
-1. config.json's ``pos_emb`` field ("rope" | "alibi"; :func:`minitrain.hf.config_to_hf` always writes it).
+1. config.json's ``pos_emb`` field ("rope" | "alibi"; :func:`minitrain.hf.config_to_hf` always writes it;
+   ``null`` counts as absent, any other value is a ValueError).
 2. The checkpoint directory's own modeling file (``modeling_baichuan.py``, or the module that config.json's
    ``auto_map`` names for ``AutoModelForCausalLM``), parsed with :mod:`ast`, never imported or run. Code
    identifiers only (comments and strings do not count): one containing ``alibi`` (``_gen_alibi_mask``,
@@ -106,7 +107,7 @@ def gather_evidence(d: dict[str, Any], *, directory: Optional[Path] = None,
     """Every piece of evidence, in precedence order, and notes on the sources that gave none."""
     found: list[Evidence] = []
     notes: list[str] = []
-    if "pos_emb" in d:
+    if d.get("pos_emb") is not None:  # JSON null counts as absent
         found.append(Evidence(_check_name(d["pos_emb"], "config.json's pos_emb"), "config.json's pos_emb field"))
     else:
         notes.append("config.json has no pos_emb field")

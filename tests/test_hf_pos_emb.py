@@ -196,6 +196,8 @@ def test_bad_values_are_value_errors(tmp_path):
         config_from_hf({**d, "pos_emb": "none"})
     with pytest.raises(ValueError, match="config.json's pos_emb"):  # even when overridden
         decide_pos_emb({**d, "pos_emb": "none"}, override="rope")
+    with pytest.raises(PositionEncodingError, match="no evidence"):  # JSON null: absent, not a value
+        config_from_hf({**d, "pos_emb": None})
 
 
 def test_issue_case_13b_config_with_max_position_embeddings(tmp_path):
