@@ -6,7 +6,6 @@ export → import round trips for both encodings."""
 
 import dataclasses
 import itertools
-import json
 import logging
 
 import pytest
