@@ -409,3 +409,46 @@ def test_swiglu_fused_equals_separate():
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     torch.testing.assert_close(fused(x), sep(x))
     torch.testing.assert_close(sep(x), sep.down_proj(F.silu(sep.gate_proj(x)) * sep.up_proj(x)))
+
+
+# ------------------------------------------------- per-layer compile and activation checkpointing
+def _loss_and_grads(model, ids, labels):
+    loss = model(ids, labels=labels).loss
+    return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("ac,compiled", [(ac, c) for c in (False, True) for ac in ("none", "full", "selective", "op")
+                                         if c or ac != "none"])
+def test_layer_compile_and_checkpointing_match_eager(ac, compiled):
+    """bench-model's step: every decoder layer under torch.compile(fullgraph=True) over the custom ops
+    and/or each activation-checkpointing mode gives the plain model's loss and gradients."""
+    from minitrain.distributed import apply_activation_checkpointing, apply_compile
+
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(TINY["rope"], num_layers=3)
+    ids, labels = make_batch(cfg, T=8)
+    want_loss, want_grads = _loss_and_grads(build(cfg), ids, labels)
+    model = build(cfg)
+    assert apply_activation_checkpointing(model, ac, every=2) == {"none": 0, "full": 3, "selective": 2, "op": 3}[ac]
+    if compiled:
+        apply_compile(model, fullgraph=True)
+    for _ in range(2):  # the second call runs the cached graphs
+        loss, grads = _loss_and_grads(model, ids, labels)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        for (name, _), g, w in zip(model.named_parameters(), grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_op_checkpointing_recomputes_only_memory_bound_ops():
+    """The "op" policy saves the GEMMs and attention and recomputes the norms, RoPE split, SwiGLU."""
+    from minitrain.distributed import SAVED_OPS, _op_policy
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    assert _op_policy(None, torch.ops.aten.mm.default) is CheckpointPolicy.MUST_SAVE
+    assert "baichuan::attention_fwd" in SAVED_OPS and "baichuan_triton::attention_fwd" in SAVED_OPS
+    for op in ("rms_norm_fwd", "swiglu_fwd", "split_qkv_rope_fwd"):
+        if hasattr(torch.ops.baichuan, op):
+            assert _op_policy(None, getattr(torch.ops.baichuan, op).default) is CheckpointPolicy.PREFER_RECOMPUTE
+    with pytest.raises(ValueError, match="none|full|selective|op"):
+        from minitrain.distributed import apply_activation_checkpointing
+        apply_activation_checkpointing(build(TINY["rope"]), "sometimes")
