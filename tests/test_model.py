@@ -439,6 +439,50 @@ def test_layer_compile_and_checkpointing_match_eager(ac, compiled):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("ac", ["none", "full", "op"])
+def test_what_backward_recomputes(ac):
+    """Ops dispatched during backward: "full" reruns each layer's forward (GEMMs and attention too),
+    "op" reruns only the memory-bound forward ops (RMSNorm, split_qkv_rope, SwiGLU), "none" nothing."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minitrain.distributed import apply_activation_checkpointing
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = TINY["rope"]
+    model = build(cfg)
+    apply_activation_checkpointing(model, ac)
+    ids, labels = make_batch(cfg, T=8)
+    loss = model(ids, labels=labels).loss
+    with Count() as c:
+        loss.backward()
+    fwd = {op: c.ops[f"{ns}::{op}"] for op in ("rms_norm_fwd", "split_qkv_rope_fwd", "swiglu_fwd", "attention_fwd")
+           for ns in ("baichuan", "baichuan_triton") if c.ops[f"{ns}::{op}"]}
+    L = cfg.num_layers
+    if ac == "none":
+        assert fwd == {}
+    elif ac == "full":
+        assert fwd == {"rms_norm_fwd": 2 * L, "split_qkv_rope_fwd": L, "swiglu_fwd": L, "attention_fwd": L}
+    else:
+        assert fwd == {"rms_norm_fwd": 2 * L, "split_qkv_rope_fwd": L, "swiglu_fwd": L}
+    mm = {"none": 0, "full": 4 * L, "op": 0}[ac]  # W_pack, o_proj, gate, up (down's output is not needed)
+    if ac != "none":
+        ref = build(cfg)
+        loss_ref = ref(ids, labels=labels).loss
+        with Count() as c0:
+            loss_ref.backward()
+        assert c.ops["aten::mm"] - c0.ops["aten::mm"] == mm
+
+
 def test_op_checkpointing_recomputes_only_memory_bound_ops():
     """The "op" policy saves the GEMMs and attention and recomputes the norms, RoPE split, SwiGLU."""
     from minitrain.distributed import SAVED_OPS, _op_policy
