@@ -139,6 +139,16 @@ def test_dweight_is_deterministic(device, backend):
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("device,backend,N,D", MANY_ROWS_PARAMS)
+def test_dweight_is_reproducible_with_many_rows_per_program(device, backend, N, D):
+    # The partial-sum layout (programs x rows each) is fixed by the shape: bitwise equal run to run.
+    x, w, r = _inputs((N,), D, torch.bfloat16, device, True, seed=N)
+    dy = make_tensor(x.shape, torch.bfloat16, device, seed=N + 1)
+    ds = make_tensor(x.shape, torch.bfloat16, device, seed=N + 2)
+    runs = [torch.autograd.grad(bk.rms_norm(x, w, residual=r, backend=backend), (x, w), (dy, ds)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_float64_reference_only():
     x = make_tensor((3, 8), torch.float64, seed=1)
     w = make_tensor((8,), torch.float64, seed=2)
