@@ -10,11 +10,13 @@
 #   OUT_DIR/build.log, OUT_DIR/tests.log         the build and pytest logs
 #   OUT_DIR/sanitize.log                         compute-sanitizer memcheck + racecheck of every CUDA kernel
 #   OUT_DIR/backtrace.log                        a raw CUDA op's bad-input error run under cuda-gdb
+#   OUT_DIR/profile_step.md                      one profiled 7B training step (also in gpu_check.log)
 #   OUT_DIR/bench/<device>-<yyyymmdd>.json|.md|.png   results (committable: benchmarks/results/README.md)
 #
 # Python wheels the image lacks (liger-kernel, ...) travel in .whl/*.whl and are installed with
 # --no-index --no-deps into /tmp/site (PYTHONPATH). Limits in seconds are overridable: BUILD_TIMEOUT (150),
-# TEST_TIMEOUT (120; TEST_K="not triton" selects tests with -k), SANITIZE_TIMEOUT (90), BENCH_TIMEOUT (150), MODEL_TIMEOUT (60), and TOTAL_BUDGET (565)
+# TEST_TIMEOUT (120; TEST_K="not triton" selects tests with -k), SANITIZE_TIMEOUT (90), BENCH_TIMEOUT (150), MODEL_TIMEOUT (60),
+# PROFILE_TIMEOUT (60), MODEL_COMPILE_TIMEOUT (150), and TOTAL_BUDGET (565)
 # caps them all together: a step gets at most what is left of it (steps run in order of priority).
 # PYTHON picks the interpreter (python3).
 # Where the tree was copied without .git, name the commit for the metadata: BENCH_GIT_SHA=<sha>.
@@ -153,6 +155,15 @@ except RuntimeError as e:
     # one GPU with the optimizer state (the full model needs ~120 GB of it). Prints tokens/s and MFU.
     run_step "bench-model 7b (8 layers, seq 4096)" "${MODEL_TIMEOUT:-60}" - \
         "$PY" -m minitrain bench-model --preset 7b --layers 8 --seq 4096 --batch 1 --steps 2
+
+    # One profiled step of the same model: top-20 kernels and the breakdown into attention, GEMM,
+    # norms/activations, loss, optimizer, recompute, idle (printed here and in OUT_DIR/profile_step.md).
+    run_step "profile 7b step (8 layers, seq 4096)" "${PROFILE_TIMEOUT:-60}" - \
+        "$PY" -m benchmarks.profile_step --preset 7b --layers 8 --seq 4096 --batch 1 --out "$OUT_DIR"
+
+    # The step with every decoder layer under torch.compile(fullgraph=True) over the custom ops.
+    run_step "bench-model 7b compiled (8 layers, seq 4096)" "${MODEL_COMPILE_TIMEOUT:-150}" - \
+        "$PY" -m minitrain bench-model --preset 7b --layers 8 --seq 4096 --batch 1 --steps 2 --compile
 
     echo
     echo "=== steps (total $((SECONDS - T_START))s) ==="

@@ -263,8 +263,9 @@ def _bench_model(p: argparse.ArgumentParser):
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--ac", default="none", choices=("none", "full", "selective"), help="activation checkpointing")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--ac", default="none", choices=("none", "full", "selective", "op"),
+                   help="activation checkpointing: every layer, every 2nd layer, or op-level (save matmuls + attention)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (fullgraph=True)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result to this JSON file")
 

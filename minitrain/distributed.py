@@ -2,9 +2,13 @@
 
 - :func:`init_distributed` — ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU.
 - :func:`apply_activation_checkpointing` — ``torch.utils.checkpoint`` (non-reentrant) around every
-  decoder layer ("full") or every ``every``-th one ("selective"). The layer's ``forward`` is replaced
+  decoder layer ("full"), every ``every``-th one ("selective", torchtitan's layer-level selective AC)
+  or every layer with an op-level policy ("op", torchtitan's op-level selective AC: the outputs of the
+  matmuls and of attention are saved, everything else — RMSNorm, split_qkv_rope, SwiGLU, casts — is
+  recomputed in backward, so only memory-bound work is redone). The layer's ``forward`` is replaced
   on the instance, so parameter names (and checkpoints) do not change.
-- :func:`apply_compile` — ``torch.compile`` of each decoder layer (``nn.Module.compile``: in place).
+- :func:`apply_compile` — ``torch.compile`` of each decoder layer (``nn.Module.compile``: in place);
+  ``fullgraph=True`` makes a graph break an error (dense batches: every op of a layer traces).
 - :func:`apply_fsdp` — FSDP2: ``fully_shard`` on every decoder layer, then on the root (embedding,
   final norm, head), with a :class:`MixedPrecisionPolicy` (bf16 parameters for compute, fp32 gradient
   reduction; the sharded fp32 parameters are the master weights, so the optimizer state is fp32).
@@ -27,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "cast_embedding_output",
+__all__ = ["AC_MODES", "init_distributed", "apply_activation_checkpointing", "apply_compile", "apply_fsdp", "cast_embedding_output",
            "is_main", "shutdown_distributed", "finish", "barrier", "all_reduce", "world"]
 
 
@@ -97,20 +101,52 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+AC_MODES = ("none", "full", "selective", "op")
+
+# Ops whose outputs the "op" policy saves (by schema name, overload ignored): the GEMMs and attention
+# (compute-bound, expensive to redo); every other op of the layer is recomputed.
+SAVED_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention_forward",
+    "baichuan::attention_fwd", "baichuan_triton::attention_fwd",
+})
+
+
+def _op_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = op.name().split(".")[0] if hasattr(op, "name") else str(op)
+    return CheckpointPolicy.MUST_SAVE if name in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _op_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_op_policy)
+
+
 def _checkpointed_forward(layer: nn.Module, *args, **kwargs):
     return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, **kwargs)
 
 
+def _op_checkpointed_forward(layer: nn.Module, *args, **kwargs):
+    return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, context_fn=_op_context, **kwargs)
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 2) -> int:
-    """Recompute decoder layers in backward; returns how many layers were wrapped."""
+    """Recompute (parts of) decoder layers in backward; returns how many layers were wrapped."""
     if mode == "none":
         return 0
-    if mode not in ("full", "selective"):
-        raise ValueError(f"activation checkpointing mode must be none|full|selective, got {mode!r}")
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing mode must be {'|'.join(AC_MODES)}, got {mode!r}")
+    if mode == "selective" and (not isinstance(every, int) or every < 1):
+        raise ValueError(f"ac_every must be a positive int, got {every!r}")
+    wrapper = _op_checkpointed_forward if mode == "op" else _checkpointed_forward
     n = 0
     for i, layer in enumerate(model.model.layers):
-        if mode == "full" or i % every == 0:
-            layer.forward = functools.partial(_checkpointed_forward, layer)
+        if mode != "selective" or i % every == 0:
+            layer.forward = functools.partial(wrapper, layer)
             n += 1
     return n
 
@@ -121,9 +157,12 @@ def cast_embedding_output(model: nn.Module, dtype: torch.dtype) -> None:
     model.model.embed_tokens.register_forward_hook(lambda _m, _i, out: out.to(dtype))
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, fullgraph: bool = False) -> None:
+    """``torch.compile`` each decoder layer in place (after activation checkpointing, before FSDP).
+    ``fullgraph=True`` for dense batches: a graph break raises instead of splitting the layer
+    (packed-sequence attention reads ``cu_seqlens`` on the host and would break)."""
     for layer in model.model.layers:
-        layer.compile()
+        layer.compile(fullgraph=fullgraph)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: Optional[torch.dtype] = None,

@@ -61,7 +61,7 @@ class TrainConfig:
     # --- execution
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # autocast dtype: auto = bf16 on GPU, fp32 on CPU; master weights stay fp32
-    activation_checkpointing: str = "none"  # none | full (every layer) | selective (every ac_every-th)
+    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th layer) | op (policy)
     ac_every: int = 2
     compile: bool = False  # torch.compile each decoder layer
     num_threads: Optional[int] = None  # torch CPU threads (None: torch's default; 1 is faster on a busy machine)
@@ -104,8 +104,8 @@ class TrainConfig:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        if self.activation_checkpointing not in ("none", "full", "selective"):
-            raise ValueError(f"activation_checkpointing must be none|full|selective, got {self.activation_checkpointing!r}")
+        if self.activation_checkpointing not in ("none", "full", "selective", "op"):
+            raise ValueError(f"activation_checkpointing must be none|full|selective|op, got {self.activation_checkpointing!r}")
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"on_nonfinite must be skip|stop, got {self.on_nonfinite!r}")
         if not (self.loss_spike_factor == 0 or self.loss_spike_factor >= 1) or math.isnan(self.loss_spike_factor):

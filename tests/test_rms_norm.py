@@ -61,6 +61,23 @@ def test_matches_float64_reference(device, backend, dtype, lead, D, residual):
     _check_against_reference(device, backend, lead, D, dtype, residual)
 
 
+# Many rows per persistent program of the backward (the dweight partials: each program walks many
+# rows, a row count that is not a multiple of the programs). On the GPU the grid is ~2-4 blocks per
+# SM, so the CUDA shapes reach ~16+ rows per block (the software-pipelined row loop, the in-registers
+# and both row-loop kernels: D = 4096, 64, odd 4097, 8200 > the register limit); the Triton
+# interpreter runs 8 programs, the C++ kernel its OpenMP row chunks.
+MANY_ROWS = {"cuda": [(4099, 4096), (20011, 64), (3001, 4097), (2501, 8200)], "cpu": [(37, 64), (45, 300)]}
+MANY_ROWS_PARAMS = [pytest.param(*p.values, N, D, id=f"{p.id}-{N}x{D}", marks=p.marks)
+                    for p in BACKENDS for N, D in MANY_ROWS[p.values[0]]]
+
+
+@pytest.mark.parametrize("device,backend,N,D", MANY_ROWS_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_many_rows_per_program(device, backend, N, D, dtype, residual):
+    _check_against_reference(device, backend, (N,), D, dtype, residual, seed=N)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_large_magnitude_and_eps(device, backend, dtype):
@@ -120,6 +137,16 @@ def test_dweight_is_deterministic(device, backend):
         finally:
             torch.set_num_threads(prev)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("device,backend,N,D", MANY_ROWS_PARAMS)
+def test_dweight_is_reproducible_with_many_rows_per_program(device, backend, N, D):
+    # The partial-sum layout (programs x rows each) is fixed by the shape: bitwise equal run to run.
+    x, w, r = _inputs((N,), D, torch.bfloat16, device, True, seed=N)
+    dy = make_tensor(x.shape, torch.bfloat16, device, seed=N + 1)
+    ds = make_tensor(x.shape, torch.bfloat16, device, seed=N + 2)
+    runs = [torch.autograd.grad(bk.rms_norm(x, w, residual=r, backend=backend), (x, w), (dy, ds)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_float64_reference_only():

@@ -96,6 +96,26 @@ def test_split_qkv_rope_matches_float64_reference(device, backend, dtype, shape,
     _check_split(device, backend, dtype, shape, _positions(B, T, S, device) if with_pos else None, cos, sin)
 
 
+# Shapes that walk the CUDA kernel's thread layout (TPP threads per head half, HPB (plane, head)
+# pairs at once, <= 256 threads): 13B heads (H = 40: 80 / 120 pairs > HPB = 32, several per thread),
+# 7B heads, and Dh / 2 = 300 with VW = 1 (more packs than threads: the pack loop runs twice).
+GPU_SHAPES = [(1, 7, 40, 128), (2, 5, 32, 128), (1, 3, 2, 600)]
+GPU_PARAMS = lambda params: [pytest.param(*p.values, s, id=f"{p.id}-{'x'.join(map(str, s))}", marks=p.marks)
+                             for p in params if p.values[0] == "cuda" for s in GPU_SHAPES]
+
+
+@pytest.mark.parametrize("device,backend,shape", GPU_PARAMS(BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_apply_rope_gpu_shapes(device, backend, shape, dtype):
+    test_apply_rope_matches_float64_reference(device, backend, dtype, shape, with_pos=True)
+
+
+@pytest.mark.parametrize("device,backend,shape", GPU_PARAMS(SPLIT_BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_qkv_rope_gpu_shapes(device, backend, shape, dtype):
+    test_split_qkv_rope_matches_float64_reference(device, backend, dtype, shape, with_pos=True)
+
+
 def test_baichuan_7b_size():
     # T = 4096 tokens, H = 32, Dh = 128 with the real 4096-row tables, fp32, on the reference backend
     # and the CPU kernels (float64 copies of these sizes would cost more than the test: the kernels

@@ -162,7 +162,8 @@ sum_rows_kernel(const float* __restrict__ partial,  // [P, D]
   const int col = blockIdx.x * kSumRowsCols + threadIdx.x;
   float acc = 0.0f;
   if (col < D)
-    for (int64_t p = threadIdx.y; p < P; p += kSumRowsSplit) acc += partial[p * D + col];
+#pragma unroll 4
+    for (int64_t p = threadIdx.y; p < P; p += kSumRowsSplit) acc += partial[p * D + col];  // loads in flight, same order
   smem[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && col < D) {

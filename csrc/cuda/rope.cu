@@ -7,11 +7,12 @@
 // fp32 math, one rounding per output; dtype fp32 / fp16 / bf16.
 //
 // One block per token (b, t). A token's work is up to three "planes" — strided [B, T, H, Dh] source
-// and destination — of which planes 0 and 1 (q, k) are rotated and plane 2 (v) is copied. The
-// block's threads walk the items (plane, head, pack) where a pack is VW = 16 / sizeof(T) elements of
-// the first half of a head together with the matching VW elements of the second half: 16-byte loads
-// and stores throughout (VW = 1 when Dh / 2, a stride or a pointer is not a 16-byte multiple).
-// The cos/sin row is read through the cache by every head (fp32, float4 loads).
+// and destination — of which planes 0 and 1 (q, k) are rotated and plane 2 (v) is copied. A pack is
+// VW = 16 / sizeof(T) elements of the first half of a head together with the matching VW elements of
+// the second half: 16-byte loads and stores throughout (VW = 1 when Dh / 2, a stride or a pointer is
+// not a 16-byte multiple). Thread tx owns pack tx % TPP of every head half and walks the (plane,
+// head) pairs tx / TPP, tx / TPP + HPB, ...: it loads its fp32 cos/sin values once (float4 loads)
+// and reuses them for every head of the token (7B bf16: TPP = 8, HPB = 32, 256 threads).
 //   apply_rope          planes q -> q_out, k -> k_out (or q -> q, k -> k in place)
 //   split_qkv_rope      planes qkv[:, :, 0] -> q, qkv[:, :, 1] -> k, qkv[:, :, 2] -> v   (qkv read once)
 //   split_qkv_rope_bwd  planes dq -> dqkv[:, :, 0], dk -> dqkv[:, :, 1], dv -> dqkv[:, :, 2]
@@ -83,48 +84,57 @@ __device__ __forceinline__ void load_f32(const float* p, float (&out)[VW]) {
   }
 }
 
+// Grid: one block per token; blockDim.x = TPP * HPB threads, thread tx owns the packs j = tx % TPP
+// (+ m TPP) of a head half and walks the (plane, head) pairs hp = tx / TPP (+ m HPB). Its cos/sin
+// values are loaded once per pack and reused for every head of the token (registers, not re-read);
+// the hot loop has only 32-bit index arithmetic, and two heads per thread are in flight at once.
 template <typename T, int VW, bool kTranspose>
-__global__ void __launch_bounds__(kMaxThreads) rope_kernel(const RopeParams<T> prm) {
+__global__ void __launch_bounds__(kMaxThreads) rope_kernel(const RopeParams<T> prm, int tpp) {
   const int64_t bt = blockIdx.x;
   const int64_t b = bt / prm.seq, t = bt - b * prm.seq;
   const int64_t p = prm.pos != nullptr ? prm.pos[bt] : t;
   CUDA_KERNEL_ASSERT(p >= 0 && p < prm.S);
   const float* crow = prm.cos + p * 2 * prm.half;
   const float* srow = prm.sin + p * 2 * prm.half;
-  const int64_t packs = prm.half / VW;  // per head half
-  const int64_t per_plane = prm.H * packs;
-  const int64_t items = prm.num_planes * per_plane;
-  for (int64_t w = threadIdx.x; w < items; w += blockDim.x) {
-    const int pl = static_cast<int>(w / per_plane);
-    const int64_t rem = w - pl * per_plane;
-    const int64_t hh = rem / packs, j = (rem - hh * packs) * VW;
-    const Plane<T>& P = prm.planes[pl];
-    const T* x = P.src + b * P.sb + t * P.st + hh * P.sh + j;
-    T* y = P.dst + b * P.db + t * P.dt + hh * P.dh + j;
-    const Pack<T, VW> x1 = load_pack<T, VW>(x), x2 = load_pack<T, VW>(x + prm.half);
-    if (pl == 2) {  // v: plain copy
-      store_pack<T, VW>(y, x1);
-      store_pack<T, VW>(y + prm.half, x2);
-      continue;
-    }
-    float c1[VW], c2[VW], s1[VW], s2[VW], y1[VW], y2[VW];
+  const int packs = static_cast<int>(prm.half / VW);  // per head half
+  const int H = static_cast<int>(prm.H);
+  const int pairs = prm.num_planes * H;               // (plane, head) pairs of the token
+  const int hpb = blockDim.x / tpp;                   // pairs walked at once by the block
+  const int tx = threadIdx.x;
+  for (int pk = tx % tpp; pk < packs; pk += tpp) {  // one iteration unless Dh / 2 > VW * kMaxThreads
+    const int j = pk * VW;
+    float c1[VW], c2[VW], s1[VW], s2[VW];
     load_f32<VW>(crow + j, c1);
     load_f32<VW>(crow + prm.half + j, c2);
     load_f32<VW>(srow + j, s1);
     load_f32<VW>(srow + prm.half + j, s2);
-#pragma unroll
-    for (int e = 0; e < VW; ++e) {
-      const float a = to_float(x1.v[e]), d = to_float(x2.v[e]);
-      if (kTranspose) {
-        y1[e] = a * c1[e] + d * s2[e];
-        y2[e] = d * c2[e] - a * s1[e];
-      } else {
-        y1[e] = a * c1[e] - d * s1[e];
-        y2[e] = d * c2[e] + a * s2[e];
+#pragma unroll 2
+    for (int hp = tx / tpp; hp < pairs; hp += hpb) {
+      const int pl = hp / H, hh = hp - pl * H;
+      const Plane<T>& P = prm.planes[pl];
+      const T* x = P.src + b * P.sb + t * P.st + hh * P.sh + j;
+      T* y = P.dst + b * P.db + t * P.dt + hh * P.dh + j;
+      const Pack<T, VW> x1 = load_pack<T, VW>(x), x2 = load_pack<T, VW>(x + prm.half);
+      if (pl == 2) {  // v: plain copy
+        store_pack<T, VW>(y, x1);
+        store_pack<T, VW>(y + prm.half, x2);
+        continue;
       }
+      float y1[VW], y2[VW];
+#pragma unroll
+      for (int e = 0; e < VW; ++e) {
+        const float a = to_float(x1.v[e]), d = to_float(x2.v[e]);
+        if (kTranspose) {
+          y1[e] = a * c1[e] + d * s2[e];
+          y2[e] = d * c2[e] - a * s1[e];
+        } else {
+          y1[e] = a * c1[e] - d * s1[e];
+          y2[e] = d * c2[e] + a * s2[e];
+        }
+      }
+      store_pack<T, VW>(y, float_to_pack<T, VW>(y1));
+      store_pack<T, VW>(y + prm.half, float_to_pack<T, VW>(y2));
     }
-    store_pack<T, VW>(y, float_to_pack<T, VW>(y1));
-    store_pack<T, VW>(y + prm.half, float_to_pack<T, VW>(y2));
   }
 }
 
@@ -151,9 +161,11 @@ bool use_16b(const RopeParams<T>& prm) {
 
 template <typename T, bool kTranspose, int VW>
 void launch_vw(const RopeParams<T>& prm, int64_t tokens, cudaStream_t stream) {
-  const int64_t items = prm.num_planes * prm.H * (prm.half / VW);
-  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, round_up<int64_t>(items, 32)));
-  rope_kernel<T, VW, kTranspose><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(prm);
+  // TPP threads per head half (one pack each), HPB (plane, head) pairs at once: TPP * HPB <= 256.
+  const int64_t packs = prm.half / VW, pairs = prm.num_planes * prm.H;
+  const int tpp = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(packs, kMaxThreads)));
+  const int hpb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pairs, kMaxThreads / tpp)));
+  rope_kernel<T, VW, kTranspose><<<static_cast<unsigned>(tokens), tpp * hpb, 0, stream>>>(prm, tpp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -165,6 +177,8 @@ void launch(std::initializer_list<std::pair<at::Tensor, at::Tensor>> planes, con
   if (x0.numel() == 0) return;
   const int64_t B = x0.size(0), T_ = x0.size(1);
   TORCH_CHECK(B * T_ <= std::numeric_limits<int32_t>::max(), "rope: too many tokens (", B * T_, ")");
+  TORCH_CHECK(3 * x0.size(2) * x0.size(3) <= std::numeric_limits<int32_t>::max(), "rope: too many heads x head dim (",
+              x0.size(2), " x ", x0.size(3), ")");
   const c10::cuda::CUDAGuard guard(x0.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   BAICHUAN_DISPATCH_FLOAT_HALF_BF16(x0.scalar_type(), "rope_cuda", [&] {
