@@ -25,7 +25,11 @@ _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat1
            "fp16": "float16", "float16": "float16", "fp64": "float64", "float64": "float64"}
 
 
-_BITS = (4, 8)  # quantize / generate --bits
+_BITS = (4, 8, "nf4")  # quantize / generate --bits
+
+
+def _bits(value: str):
+    return value if value == "nf4" else int(value)
 
 
 def _dtype(name):
@@ -53,16 +57,18 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: the checkpoint's dtype")
     p.add_argument("--backend", default=None, help="kernel backend for every op (default: the config's, 'auto')")
-    p.add_argument("--bits", type=int, choices=_BITS, help="quantize the projections on load (weight-only int4/int8)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size with --bits 4 (32, 64 or 128)")
+    p.add_argument("--bits", type=_bits, choices=_BITS,
+                   help="quantize the projections on load (weight-only int4/int8/NF4)")
+    p.add_argument("--group-size", type=int, default=128, help="int4/NF4 group size with --bits 4|nf4 (32, 64 or 128)")
 
     def run(args) -> int:
         import os
 
         import torch
 
-        from .generate import GenerationConfig, generate
+        from .generate import GenerationConfig, TokenMeter, generate
         from .hf import load_model
+        from .nf4 import is_bnb_nf4_checkpoint, load_bnb_nf4_checkpoint
         from .quantized import is_quantized_file, load_quantized_model, quantize
 
         if is_quantized_file(args.model):
@@ -71,6 +77,12 @@ def _generate(p: argparse.ArgumentParser):
                 return 2
             model = load_quantized_model(args.model, dtype=_dtype(args.dtype), device=args.device,
                                          backend=args.backend)
+        elif is_bnb_nf4_checkpoint(args.model):  # a released *-4bits directory (bitsandbytes NF4)
+            if args.bits is not None:
+                print(f"error: {args.model} is already NF4-quantized; drop --bits", file=sys.stderr)
+                return 2
+            model = load_bnb_nf4_checkpoint(args.model, dtype=_dtype(args.dtype), device=args.device,
+                                            backend=args.backend)
         else:
             model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
             if args.bits is not None:
@@ -106,8 +118,10 @@ def _generate(p: argparse.ArgumentParser):
                 out.append(token)
                 print(sp.decode(out)[len(before):], end="", flush=True)
 
-        generate(model, [prompt], cfg, generator=gen, on_token=on_token)
+        meter = TokenMeter(model.lm_head.weight.device)
+        generate(model, [prompt], cfg, generator=gen, on_token=meter.wrap(on_token))
         print()
+        print(meter.report(), file=sys.stderr)
         return 0
 
     return run
@@ -144,8 +158,10 @@ def _convert(p: argparse.ArgumentParser):
 def _quantize(p: argparse.ArgumentParser):
     p.add_argument("src", help="HF directory or minitrain .pt model file")
     p.add_argument("out", help="output quantized model file (safetensors + metadata; e.g. model-int4.safetensors)")
-    p.add_argument("--bits", type=int, required=True, choices=_BITS, help="4: int4 groups along K; 8: int8 per channel")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128; ignored for 8 bits)")
+    p.add_argument("--bits", type=_bits, required=True, choices=_BITS,
+                   help="4: int4 groups along K; 8: int8 per channel; nf4: NF4 absmax blocks along K")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="int4/NF4 group size (32, 64 or 128; ignored for 8 bits)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the unquantized tensors (default: the source's)")
     p.add_argument("--device", default="cpu", help="where to quantize (e.g. cuda; the file is written from CPU)")
 
@@ -160,8 +176,9 @@ def _quantize(p: argparse.ArgumentParser):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         save_quantized_model(model, args.out)
-        gs = f", group size {args.group_size}" if args.bits == 4 else ""
-        print(f"wrote {args.bits}-bit quantized model {args.out} ({args.bits}-bit projections{gs})")
+        gs = f", group size {args.group_size}" if args.bits != 8 else ""
+        kind = "NF4" if args.bits == "nf4" else f"{args.bits}-bit"
+        print(f"wrote {kind} quantized model {args.out} ({kind} projections{gs})")
         return 0
 
     return run

@@ -62,7 +62,7 @@ from baichuan_kernels.reference.quant_matmul import (
 )
 
 __all__ = ["QS_KEY", "dynamic_map", "to_bnb_nf4", "from_bnb_nf4", "from_bnb_legacy_state", "is_bnb_nf4_state",
-           "load_bnb_nf4_checkpoint"]
+           "is_bnb_nf4_checkpoint", "load_bnb_nf4_checkpoint"]
 
 QS_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -203,6 +203,19 @@ def from_bnb_legacy_state(packed: torch.Tensor, state: list) -> QuantizedWeight:
         nested = (state2[0], state2[1], int(state2[2]), float(offset))
     codebook = state[6] if len(state) > 6 and isinstance(state[6], torch.Tensor) else nf4_codebook()
     return _to_ours(packed, codebook, _absmax_values(absmax, nested, nblocks), list(shape), blocksize, quant_type)
+
+
+def is_bnb_nf4_checkpoint(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is an HF directory whose config.json declares bitsandbytes NF4 4-bit weights
+    (``quantization_config``: ``load_in_4bit`` and ``bnb_4bit_quant_type`` "nf4")."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(q.get("load_in_4bit")) and q.get("bnb_4bit_quant_type", "fp4") == "nf4"
 
 
 def load_bnb_nf4_checkpoint(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None,
