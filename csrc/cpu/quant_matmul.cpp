@@ -16,6 +16,8 @@
 //   NF4 (bits = 4 with a codebook): the same walk; a code becomes codebook[q] by a 16-entry lookup
 //              in registers (AVX2: two 8-lane permutes, blended on bit 3 of the code), and
 //              y[m, n] = sum_g absmax[n, g] * sum_{k in g} codebook[q[n, k]] x[m, k]  (no zero term).
+// With AVX-512 F+BW at run time (csrc/cpu/quant_matmul_avx512.h) the GEMV runs 16-lane kernels that
+// serve several weight rows per x load (x chunks of 16 KiB); same arithmetic, x permuted per 32.
 // GEMM path (M > 16, prefill): blocks of weight rows are dequantised to fp32 (in parallel, ~8 MiB
 // per block, w = q * scale + zero as in the reference) and multiplied with at::mm.
 // Every output element is computed by one thread in a fixed order: results do not depend on threads.
@@ -32,6 +34,7 @@
 #endif
 
 #include "common/quant_matmul_checks.h"
+#include "cpu/quant_matmul_avx512.h"
 
 namespace baichuan {
 namespace {
@@ -150,9 +153,10 @@ void w8_gemv_row(const int8_t* q, const float* xf, int64_t K, int64_t k0, int64_
   }
 }
 
-// x [M, K] -> fp32 x (bits = 8: as is; bits = 4: permuted per 16) and, for bits = 4, xs [M, G].
+// x [M, K] -> fp32 x (bits = 8: as is; bits = 4: permuted per 2 * half: the half even elements, then
+// the half odd ones; half = 8 for the AVX2 kernels, 16 for the AVX-512 ones) and, for bits = 4, xs [M, G].
 template <typename scalar_t>
-void prepare_x(const scalar_t* x, int64_t M, int64_t K, int64_t bits, int64_t gs, float* xf, float* xs) {
+void prepare_x(const scalar_t* x, int64_t M, int64_t K, int64_t bits, int64_t gs, int half, float* xf, float* xs) {
   for (int64_t m = 0; m < M; ++m) {
     const scalar_t* xr = x + m * K;
     float* out = xf + m * K;
@@ -160,10 +164,10 @@ void prepare_x(const scalar_t* x, int64_t M, int64_t K, int64_t bits, int64_t gs
       for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(xr[k]);
       continue;
     }
-    for (int64_t c = 0; c < K; c += 16) {
-      for (int j = 0; j < 8; ++j) {
+    for (int64_t c = 0; c < K; c += 2 * half) {
+      for (int j = 0; j < half; ++j) {
         out[c + j] = static_cast<float>(xr[c + 2 * j]);
-        out[c + 8 + j] = static_cast<float>(xr[c + 2 * j + 1]);
+        out[c + half + j] = static_cast<float>(xr[c + 2 * j + 1]);
       }
     }
     const int64_t G = K / gs;
@@ -175,6 +179,81 @@ void prepare_x(const scalar_t* x, int64_t M, int64_t K, int64_t bits, int64_t gs
   }
 }
 
+#ifdef BAICHUAN_HAVE_AVX512_PATH
+// One (rows, x-tile) step of the AVX-512 GEMV: NR weight rows from n, MT x rows from m0.
+template <int NR, int MT>
+void avx512_step(int64_t K, int64_t gs, int64_t bits, int64_t k0, int64_t k1, const float* xr, const float* sp,
+                 const float* cb, const uint8_t* q4, const int8_t* q8, int64_t n, float* out) {
+  if (bits == 8) {
+    avx512::w8_block<NR, MT>(q8 + n * K, K, xr, K, k0, k1, out, kGemvMaxM);
+  } else if (cb != nullptr) {
+    avx512::w4_block<NR, MT, true>(q4 + n * (K / 2), sp + n * (K / gs), cb, xr, K, gs, k0 / gs, k1 / gs, out,
+                                   kGemvMaxM);
+  } else {
+    avx512::w4_block<NR, MT, false>(q4 + n * (K / 2), sp + n * (K / gs), cb, xr, K, gs, k0 / gs, k1 / gs, out,
+                                    kGemvMaxM);
+  }
+}
+
+// Rows [n, n1) of one block against x rows [m0, m0 + MT): NR rows per call (w8: 4; 4-bit: 4, 4, 3, 2
+// for MT = 1..4, what 32 zmm registers hold), single rows for the rest.
+template <int MT>
+void avx512_rows(int64_t K, int64_t gs, int64_t bits, int64_t k0, int64_t k1, const float* xr, const float* sp,
+                 const float* cb, const uint8_t* q4, const int8_t* q8, int64_t n, int64_t n1, float* out) {
+  constexpr int NR4 = MT <= 2 ? 4 : MT == 3 ? 3 : 2;
+  const int nr = bits == 8 ? 4 : NR4;
+  for (; n + nr <= n1; n += nr, out += nr * kGemvMaxM) {
+    if (bits == 8) {
+      avx512_step<4, MT>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n, out);
+    } else {
+      avx512_step<NR4, MT>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n, out);
+    }
+  }
+  for (; n < n1; ++n, out += kGemvMaxM) avx512_step<1, MT>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n, out);
+}
+
+template <typename scalar_t>
+void gemv_avx512(int64_t M, int64_t K, int64_t N, int64_t bits, int64_t gs, const float* xfp, const float* xsp,
+                 const float* sp, const float* zp, const float* cb, const uint8_t* q4, const int8_t* q8,
+                 scalar_t* yp) {
+  const int64_t G = bits == 4 ? K / gs : 1;
+  // The x chunk of all M rows: 16 KiB of fp32 (half of L1), a multiple of 128 (of every group size).
+  const int64_t chunk = std::min<int64_t>(K, std::max<int64_t>(128, 4096 / M / 128 * 128));
+  at::parallel_for(0, N, kRowBlock, [&](int64_t nb0, int64_t nb1) {
+    float acc[kRowBlock * kGemvMaxM];
+    for (int64_t n0 = nb0; n0 < nb1; n0 += kRowBlock) {
+      const int64_t n1 = std::min(nb1, n0 + kRowBlock);
+      std::fill(acc, acc + kRowBlock * kGemvMaxM, 0.f);
+      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t k1 = std::min(K, k0 + chunk);
+        for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+          const float* xr = xfp + m0 * K;
+          float* out = acc + m0;
+          switch (std::min<int64_t>(kTileM, M - m0)) {
+            case 1: avx512_rows<1>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n0, n1, out); break;
+            case 2: avx512_rows<2>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n0, n1, out); break;
+            case 3: avx512_rows<3>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n0, n1, out); break;
+            default: avx512_rows<4>(K, gs, bits, k0, k1, xr, sp, cb, q4, q8, n0, n1, out); break;
+          }
+        }
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        const float row_scale = bits == 8 ? sp[n] : 1.f;
+        for (int64_t m = 0; m < M; ++m) {
+          float v = acc[(n - n0) * kGemvMaxM + m];
+          if (bits == 4 && cb == nullptr) {  // the zero term: sum_g zero[n, g] * xsum[m, g]
+            float zx = 0.f;
+            for (int64_t g = 0; g < G; ++g) zx += zp[n * G + g] * xsp[m * G + g];
+            v += zx;
+          }
+          yp[m * N + n] = static_cast<scalar_t>(v * row_scale);
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename scalar_t>
 void quant_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t gs, const float* cb, at::Tensor& y) {
@@ -182,7 +261,13 @@ void quant_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& 
   const int64_t G = bits == 4 ? K / gs : 1;
   at::Tensor xf = at::empty({M, K}, x.options().dtype(at::kFloat));
   at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kFloat));
-  prepare_x<scalar_t>(x.data_ptr<scalar_t>(), M, K, bits, gs, xf.data_ptr<float>(), xs.data_ptr<float>());
+#ifdef BAICHUAN_HAVE_AVX512_PATH
+  const bool wide = avx512::available();
+#else
+  const bool wide = false;
+#endif
+  prepare_x<scalar_t>(x.data_ptr<scalar_t>(), M, K, bits, gs, wide ? 16 : 8, xf.data_ptr<float>(),
+                      xs.data_ptr<float>());
   const float* xfp = xf.data_ptr<float>();
   const float* xsp = xs.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
@@ -195,6 +280,12 @@ void quant_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& 
   // A chunk is a multiple of 128: of every group size and of the 16-code vector step. int8 rows are
   // walked whole (measured faster at M = 4 and 16 on a 2-core Zen 5: one sequential stream per row).
   const int64_t chunk = bits == 8 ? K : std::max<int64_t>(128, kChunkFloats / M / 128 * 128);
+#ifdef BAICHUAN_HAVE_AVX512_PATH
+  if (wide) {
+    gemv_avx512(M, K, N, bits, gs, xfp, xsp, sp, zp, cb, q4, q8, yp);
+    return;
+  }
+#endif
   at::parallel_for(0, N, kRowBlock, [&](int64_t nb0, int64_t nb1) {
     float acc[kRowBlock * kGemvMaxM];
     for (int64_t n0 = nb0; n0 < nb1; n0 += kRowBlock) {
