@@ -382,3 +382,21 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     (g_got,) = torch.autograd.grad(got, x)
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(g_got, g_eager)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="extension not built")
+def test_cpu_avx2_kernels_too():
+    # On an AVX-512 machine the CPU GEMV takes the 16-lane kernels; BAICHUAN_NO_AVX512=1 keeps the AVX2
+    # ones (a separate process: the choice is made once). Both must meet the same rule.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BAICHUAN_NO_AVX512": "1", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
+                        "-k", "cpu and (matches_float64 or baichuan_width or k_chunks or deterministic)"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout

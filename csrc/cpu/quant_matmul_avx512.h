@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 // GCC 12's zmm zero idiom (_mm512_setzero_ps and friends start from an undefined register) trips
 // -Wmaybe-uninitialized at every inlined use; the values are all defined.
@@ -30,8 +31,10 @@ namespace avx512 {
 
 #define BAICHUAN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 
+// BAICHUAN_NO_AVX512=1 in the environment (read once) keeps the AVX2 kernels (tests cover both).
 inline bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         std::getenv("BAICHUAN_NO_AVX512") == nullptr;
   return ok;
 }
 
