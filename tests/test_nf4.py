@@ -147,6 +147,7 @@ def test_checkpoint_loads_into_our_model(tmp_path):
     assert generate(loaded, PROMPTS, cfg) == generate(model, PROMPTS, cfg)
 
 
+@pytest.mark.cuda
 def test_against_bitsandbytes_dequantize():
     bnb = pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():

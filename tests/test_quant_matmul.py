@@ -142,7 +142,7 @@ def test_cpu_cross_check_with_torch_int8pack_mm():
 @pytest.mark.cuda
 def test_cuda_split_k():
     # N small and K large: the GEMV splits K and sums the slices in a second kernel.
-    for bits, gs in ((4, 128), (8, None)):
+    for bits, gs in ((4, 128), (8, None), ("nf4", 64)):
         qw = _qweight(40, 8192, bits, gs, "cuda", seed=13)
         for M in (1, 5, 16):
             x = make_tensor((M, 8192), torch.bfloat16, "cuda", seed=14 + M)
