@@ -236,6 +236,29 @@ def _bench_model(p: argparse.ArgumentParser):
     return run
 
 
+@command("bench-decode", "time decode steps (tokens/s) of a preset at batch sizes, bf16 or quantized (few layers)")
+def _bench_decode(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default="7b")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--bits", nargs="+", type=lambda v: v if v in ("bf16", "nf4") else int(v),
+                   choices=("bf16", 4, 8, "nf4"), default=["bf16", 4, 8, "nf4"],
+                   help="bf16 and/or quantized projections (4, 8, nf4)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (prefilled, not timed)")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="CPU only (a GPU always runs bf16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the result to this JSON file")
+
+    def run(args) -> int:
+        from .bench_decode import bench_decode
+
+        bench_decode(args)
+        return 0
+
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minitrain", description="minitrain: Baichuan 2 on baichuan_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
