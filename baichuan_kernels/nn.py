@@ -237,6 +237,7 @@ class NormHead(nn.Module):
 
 from .ops.quant_matmul import QuantizedWeight as _QuantizedWeight  # noqa: E402
 from .ops.quant_matmul import _check_x as _check_quant_x, _quant_matmul, quantize_weight as _quantize_weight  # noqa: E402
+from .reference.quant_matmul import nf4_codebook as _nf4_codebook  # noqa: E402
 
 __all__.append("QuantLinear")
 
@@ -244,25 +245,25 @@ __all__.append("QuantLinear")
 class QuantLinear(nn.Module):
     """A bias-free linear layer ``y = x @ Wᵀ`` whose weight ``W: [out_features, in_features]`` is stored
     quantized (``bits=8``: int8 per output channel; ``bits=4``: int4 groups of ``group_size`` along K;
-    formats in :mod:`baichuan_kernels.reference.quant_matmul`) and multiplied by
+    ``bits="nf4"``: NF4 codes with an absmax per block of ``group_size`` along K; formats in :mod:`baichuan_kernels.reference.quant_matmul`) and multiplied by
     :func:`~baichuan_kernels.quant_matmul` with the dequantisation fused in the kernel.
 
     Buffers (in the state dict, saveable with safetensors): ``qdata``, ``scales`` (fp32) and, for
-    4 bits, ``zeros`` (fp32). ``module.to(dtype)`` leaves them as they are (no rounding of the
+    4 bits, ``zeros`` (fp32); for NF4 ``codebook`` (fp32 [16]) instead of ``zeros``. ``module.to(dtype)`` leaves them as they are (no rounding of the
     scales). The weight is frozen; gradients flow to ``x`` only. Build one with :meth:`from_linear`
     or :func:`baichuan_kernels.quantize.quantize_model`.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int = 128,
+    def __init__(self, in_features: int, out_features: int, *, bits, group_size: int = 128,
                  backend: str = "auto", device=None):
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if bits == 4 and (group_size not in (32, 64, 128) or in_features % group_size):
-            raise ValueError(f"group_size must be 32, 64 or 128 and divide in_features={in_features} for bits=4, "
-                             f"got {group_size}")
+        if bits not in (4, 8, "nf4"):
+            raise ValueError(f"bits must be 4, 8 or 'nf4', got {bits!r}")
+        if bits in (4, "nf4") and (group_size not in (32, 64, 128) or in_features % group_size):
+            raise ValueError(f"group_size must be 32, 64 or 128 and divide in_features={in_features} for "
+                             f"bits={bits!r}, got {group_size}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.group_size = group_size if bits == 4 else in_features
+        self.group_size = in_features if bits == 8 else group_size
         self.backend = backend
         N, K = out_features, in_features
         if bits == 8:
@@ -274,14 +275,17 @@ class QuantLinear(nn.Module):
             scales = torch.zeros(N, groups, dtype=torch.float32, device=device)
         self.register_buffer("qdata", qdata)
         self.register_buffer("scales", scales)
-        self.register_buffer("zeros", None if groups is None else torch.zeros_like(scales))
+        nf4 = bits == "nf4"
+        self.register_buffer("zeros", None if groups is None or nf4 else torch.zeros_like(scales))
+        self.register_buffer("codebook", _nf4_codebook(device) if nf4 else None)
 
     @classmethod
     def from_quantized(cls, qweight: _QuantizedWeight, *, backend: str = "auto") -> "QuantLinear":
         N, K = qweight.shape
-        module = cls(K, N, bits=qweight.bits, group_size=qweight.group_size if qweight.bits == 4 else 128,
+        module = cls(K, N, bits=qweight.bits, group_size=128 if qweight.bits == 8 else qweight.group_size,
                      backend=backend, device="meta")
         module.qdata, module.scales, module.zeros = qweight.data, qweight.scales, qweight.zeros
+        module.codebook = qweight.codebook
         return module
 
     @classmethod
@@ -296,15 +300,15 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self) -> _QuantizedWeight:
         return _QuantizedWeight(self.qdata, self.scales, self.zeros, self.bits, self.group_size,
-                                (self.out_features, self.in_features))
+                                (self.out_features, self.in_features), self.codebook)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_quant_x(x, self.in_features)
         return _quant_matmul(x, self.qdata, self.scales, self.zeros, self.bits, self.group_size,
-                             self.out_features, self.in_features, self.backend)
+                             self.out_features, self.in_features, self.backend, self.codebook)
 
     def _apply(self, fn, recurse=True):
-        keep = {"scales": self.scales, "zeros": self.zeros}
+        keep = {"scales": self.scales, "zeros": self.zeros, "codebook": self.codebook}
         super()._apply(fn, recurse)
         for name, old in keep.items():  # a dtype cast (model.to(torch.bfloat16)) must not round the scales
             new = getattr(self, name)
@@ -313,6 +317,6 @@ class QuantLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        gs = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{gs}, "
+        gs = f", group_size={self.group_size}" if self.bits != 8 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits!r}{gs}, "
                 f"backend={self.backend!r}")

@@ -1,15 +1,17 @@
-"""Weight-only quantized matmul (W8A16 per-channel, W4A16 group 128): our backends against the bf16
-matmul of the unquantized weight ("eager"; ``x eager`` is the speed-up over it), the fp32 matmul
-(CPU), torch's ``_weight_int4pack_mm`` / ``_weight_int8pack_mm`` and bitsandbytes when importable.
+"""Weight-only quantized matmul (W8A16 per-channel, W4A16 group 128, NF4 blocks of 64 as bitsandbytes):
+our backends against the bf16 matmul of the unquantized weight ("eager", cuBLAS on a GPU; ``x eager``
+is the speed-up over it), the fp32 matmul (CPU), torch's ``_weight_int4pack_mm`` /
+``_weight_int8pack_mm``, torchao's int4 weight-only linear and bitsandbytes (NF4) when importable.
 
 Decode is memory bound: the figure of merit is GB/s over the bytes one call must move,
 
-    bytes = packed weight (N·K·bits/8) + scales/zeros (fp32) + x (M·K·2) + y (M·N·2)
+    bytes = packed weight (N·K·bits/8) + scales/zeros (fp32; NF4: one absmax per 64) + x (M·K·2) + y (M·N·2)
 
 — the same count for every provider of a case, so for "eager" (which reads a 16-bit weight) it is an
 *effective* rate: how fast the quantized weight would have to stream to match. TFLOP/s = 2·M·N·K / t.
-Shapes: Baichuan 2 projections K×N (7B: W_pack 4096×12288, gate/up 4096×11008, down 11008×4096; 13B:
-5120×15360, 5120×13696, 13696×5120) at M = 1, 4, 16 (decode batches), 64 and 512 (prefill).
+Shapes: Baichuan 2 projections K×N (7B: W_pack 4096×12288, o_proj 4096×4096, gate‖up 4096×22016, down
+11008×4096; 13B: W_pack 5120×15360, gate‖up 5120×27392, down 13696×5120) at M = 1, 2, 4, 8, 16 (decode
+batches), 64 and 512 (prefill).
 Weights rotate over sets larger than the cache, so every call reads them from memory.
 """
 
@@ -27,9 +29,12 @@ from .common import Context, Provider, Unsupported, run_cases, backend_reason
 
 OP = "quant_matmul"
 OUR_BACKENDS = ("cuda", "triton", "cpu")
-GROUP = 128
-GPU_SHAPES = [(4096, 12288), (4096, 11008), (11008, 4096), (5120, 15360), (5120, 13696), (13696, 5120)]
-GPU_MS = (1, 4, 16, 64, 512)
+GROUP = 128  # int4
+NF4_GROUP = 64  # bitsandbytes' default NF4 block (the released Baichuan2-*-4bits models)
+BITS = (4, 8, "nf4")
+GPU_SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5120, 15360), (5120, 27392),
+              (13696, 5120)]
+GPU_MS = (1, 2, 4, 8, 16, 64, 512)
 
 
 @dataclass(frozen=True)
@@ -37,13 +42,17 @@ class Case:
     k: int  # in features
     n: int  # out features
     m: int  # rows of x (tokens)
-    bits: int  # 8 | 4 (group 128)
+    bits: object  # 8 | 4 (group 128) | "nf4" (group 64)
     dtype: torch.dtype = torch.bfloat16
     pass_: str = "fwd"
 
     @property
     def label(self) -> str:
-        return f"w{self.bits} M={self.m} K={self.k} N={self.n}"
+        return f"{'nf4' if self.bits == 'nf4' else f'w{self.bits}'} M={self.m} K={self.k} N={self.n}"
+
+    @property
+    def group(self) -> int:
+        return NF4_GROUP if self.bits == "nf4" else GROUP
 
 
 @dataclass
@@ -58,16 +67,16 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
     if device.type == "cuda":
         shapes = [(4096, 12288), (11008, 4096)] if quick else GPU_SHAPES
         ms = (1, 16, 512) if quick else GPU_MS
-        return [Case(k, n, m, bits) for bits in (4, 8) for (k, n) in shapes for m in ms]
-    # CPU acceptance: W8 and W4 GEMV at M = 1 faster than the bf16 eager matmul at K×N = 4096×11008
-    ms = (1,) if quick else (1, 16)
-    return [Case(4096, 11008, m, bits) for m in ms for bits in (8, 4)]
+        return [Case(k, n, m, bits) for bits in BITS for (k, n) in shapes for m in ms]
+    # CPU acceptance: W8, W4 (and NF4) GEMV at M = 1..4 at least 2x the bf16 eager matmul at K×N = 4096×11008
+    ms = (1,) if quick else (1, 2, 4, 16)
+    return [Case(4096, 11008, m, bits) for m in ms for bits in BITS]
 
 
 def traffic(case: Case) -> tuple[int, int]:
-    groups = case.k // GROUP if case.bits == 4 else 1
+    groups = 1 if case.bits == 8 else case.k // case.group
     meta = case.n * groups * 4 * (2 if case.bits == 4 else 1)  # fp32 scales (+ zeros)
-    nbytes = case.n * case.k * case.bits // 8 + meta + 2 * case.m * (case.k + case.n)
+    nbytes = case.n * case.k * (8 if case.bits == 8 else 4) // 8 + meta + 2 * case.m * (case.k + case.n)
     return nbytes, 2 * case.m * case.n * case.k
 
 
@@ -78,7 +87,7 @@ def make_inputs(case: Case, n_sets: int, device: torch.device) -> list[Inputs]:
     for _ in range(n_sets):
         w = (torch.randn(case.n, case.k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
         x = torch.randn(case.m, case.k, generator=gen, device=device).to(case.dtype)
-        qw = bk.quantize_weight(w.float(), bits=case.bits, group_size=GROUP)
+        qw = bk.quantize_weight(w.float(), bits=case.bits, group_size=case.group)
         sets.append(Inputs(x, w, qw))
     return sets
 
@@ -198,7 +207,7 @@ def _bitsandbytes(device: torch.device) -> Provider:
         return Provider("bnb", "peer", None, "bitsandbytes kernels: GPU only here")
 
     def build(case: Case):
-        if case.bits != 4:
+        if case.bits not in (4, "nf4"):
             raise Unsupported("bitsandbytes NF4 (4-bit) only")
 
         def f(inp):
@@ -209,6 +218,31 @@ def _bitsandbytes(device: torch.device) -> Provider:
         return f
 
     return Provider("bnb", "peer", build)
+
+
+def _torchao_int4(device: torch.device) -> Provider:
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except Exception as exc:
+        return Provider("torchao-int4", "peer", None, f"torchao is not importable ({type(exc).__name__})")
+    if device.type != "cuda":
+        return Provider("torchao-int4", "peer", None, "torchao int4 weight-only: GPU only here")
+
+    def build(case: Case):
+        if case.bits != 4:
+            raise Unsupported("torchao int4 peer: w4 cases only")
+
+        def f(inp):
+            if "torchao" not in inp.extra:
+                lin = torch.nn.Linear(case.k, case.n, bias=False, device=device, dtype=torch.bfloat16)
+                with torch.no_grad():
+                    lin.weight.copy_(inp.w)
+                quantize_(lin, Int4WeightOnlyConfig(group_size=GROUP))
+                inp.extra["torchao"] = lin
+            return inp.extra["torchao"](inp.x)
+        return f
+
+    return Provider("torchao-int4", "peer", build)
 
 
 def _prepare_peers(providers_: list[Provider], sets: list[Inputs], case: Case) -> None:
@@ -235,6 +269,7 @@ def providers(device: torch.device) -> list[Provider]:
         _fp32(device),
         _torch_int4pack(device),
         _torch_int8pack(device),
+        _torchao_int4(device),
         _bitsandbytes(device),
     ]
 

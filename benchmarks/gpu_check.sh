@@ -165,6 +165,10 @@ except RuntimeError as e:
     run_step "bench-model 7b compiled (8 layers, seq 4096)" "${MODEL_COMPILE_TIMEOUT:-150}" - \
         "$PY" -m minitrain bench-model --preset 7b --layers 8 --seq 4096 --batch 1 --steps 2 --compile
 
+    # Decode tokens/s of the 7B shapes (4 layers + embedding + head), bf16 and W4/W8/NF4, batch 1 and 16.
+    run_step "bench-decode 7b (4 layers)" "${DECODE_TIMEOUT:-60}" - \
+        "$PY" -m minitrain bench-decode --preset 7b --layers 4 --batch 1 16 --steps 32
+
     echo
     echo "=== steps (total $((SECONDS - T_START))s) ==="
     printf '%s\n' "${STATUS[@]}"

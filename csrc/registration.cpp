@@ -58,8 +58,9 @@ TORCH_LIBRARY(baichuan, m) {
   //   query position cache_seqlens[b]-1, bias slope*(j - (L-1)); out [B, H, Dh] (zeros when L == 0).
   m.def("decode_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? alibi_slopes, float softmax_scale) -> Tensor");
   // Weight-only quantized matmul. x [M, K]; bits=8: qdata int8 [N, K], scales fp32 [N], zeros None;
-  //   bits=4: qdata uint8 [N, K/2] (even k low nibble), scales, zeros fp32 [N, K/group_size].  y [M, N].
-  m.def("quant_matmul_fwd(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor y");
+  //   bits=4: qdata uint8 [N, K/2] (even k low nibble), scales, zeros fp32 [N, K/group_size];
+  //   bits=4 with codebook fp32 [16] (NF4): zeros None, w = codebook[q] * scales[n, g].  y [M, N].
+  m.def("quant_matmul_fwd(Tensor x, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size, Tensor? codebook=None) -> Tensor y");
 }
 
 namespace {

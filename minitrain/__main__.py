@@ -26,7 +26,11 @@ _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat1
            "fp16": "float16", "float16": "float16", "fp64": "float64", "float64": "float64"}
 
 
-_BITS = (4, 8)  # quantize / generate --bits
+_BITS = (4, 8, "nf4")  # quantize / generate --bits
+
+
+def _bits(value: str):
+    return value if value == "nf4" else int(value)
 
 
 def _dtype(name):
@@ -97,8 +101,9 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: the checkpoint's dtype")
     p.add_argument("--backend", default=None, help="kernel backend for every op (default: the config's, 'auto')")
-    p.add_argument("--bits", type=int, choices=_BITS, help="quantize the projections on load (weight-only int4/int8)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size with --bits 4 (32, 64 or 128)")
+    p.add_argument("--bits", type=_bits, choices=_BITS,
+                   help="quantize the projections on load (weight-only int4/int8/NF4)")
+    p.add_argument("--group-size", type=int, default=128, help="int4/NF4 group size with --bits 4|nf4 (32, 64 or 128)")
     _add_pos_emb(p)
 
     def run(args) -> int:
@@ -106,8 +111,9 @@ def _generate(p: argparse.ArgumentParser):
 
         import torch
 
-        from .generate import GenerationConfig, generate
-        from .hf import check_pos_emb_matches
+        from .generate import GenerationConfig, TokenMeter, generate
+        from .hf import PositionEncodingError, check_pos_emb_matches
+        from .nf4 import is_bnb_nf4_checkpoint, load_bnb_nf4_checkpoint
         from .quantized import is_quantized_file, load_quantized_model, quantize
 
         if is_quantized_file(args.model):
@@ -119,6 +125,16 @@ def _generate(p: argparse.ArgumentParser):
             try:
                 check_pos_emb_matches(args.pos_emb, model.config, args.model)
             except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        elif is_bnb_nf4_checkpoint(args.model):  # a released *-4bits directory (bitsandbytes NF4)
+            if args.bits is not None:
+                print(f"error: {args.model} is already NF4-quantized; drop --bits", file=sys.stderr)
+                return 2
+            try:
+                model = load_bnb_nf4_checkpoint(args.model, dtype=_dtype(args.dtype), device=args.device,
+                                                backend=args.backend, pos_emb=args.pos_emb)
+            except PositionEncodingError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
         else:
@@ -159,8 +175,10 @@ def _generate(p: argparse.ArgumentParser):
                 out.append(token)
                 print(sp.decode(out)[len(before):], end="", flush=True)
 
-        generate(model, [prompt], cfg, generator=gen, on_token=on_token)
+        meter = TokenMeter(model.lm_head.weight.device)
+        generate(model, [prompt], cfg, generator=gen, on_token=meter.wrap(on_token))
         print()
+        print(meter.report(), file=sys.stderr)
         return 0
 
     return run
@@ -200,8 +218,10 @@ def _convert(p: argparse.ArgumentParser):
 def _quantize(p: argparse.ArgumentParser):
     p.add_argument("src", help="HF directory or minitrain .pt model file")
     p.add_argument("out", help="output quantized model file (safetensors + metadata; e.g. model-int4.safetensors)")
-    p.add_argument("--bits", type=int, required=True, choices=_BITS, help="4: int4 groups along K; 8: int8 per channel")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64 or 128; ignored for 8 bits)")
+    p.add_argument("--bits", type=_bits, required=True, choices=_BITS,
+                   help="4: int4 groups along K; 8: int8 per channel; nf4: NF4 absmax blocks along K")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="int4/NF4 group size (32, 64 or 128; ignored for 8 bits)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="dtype of the unquantized tensors (default: the source's)")
     p.add_argument("--device", default="cpu", help="where to quantize (e.g. cuda; the file is written from CPU)")
     _add_pos_emb(p)
@@ -218,8 +238,9 @@ def _quantize(p: argparse.ArgumentParser):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         save_quantized_model(model, args.out)
-        gs = f", group size {args.group_size}" if args.bits == 4 else ""
-        print(f"wrote {args.bits}-bit quantized model {args.out} ({args.bits}-bit projections{gs})")
+        gs = f", group size {args.group_size}" if args.bits != 8 else ""
+        kind = "NF4" if args.bits == "nf4" else f"{args.bits}-bit"
+        print(f"wrote {kind} quantized model {args.out} ({kind} projections{gs})")
         return 0
 
     return run
@@ -273,6 +294,29 @@ def _bench_model(p: argparse.ArgumentParser):
         from .bench import bench_model
 
         bench_model(args)
+        return 0
+
+    return run
+
+
+@command("bench-decode", "time decode steps (tokens/s) of a preset at batch sizes, bf16 or quantized (few layers)")
+def _bench_decode(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default="7b")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--bits", nargs="+", type=lambda v: v if v in ("bf16", "nf4") else int(v),
+                   choices=("bf16", 4, 8, "nf4"), default=["bf16", 4, 8, "nf4"],
+                   help="bf16 and/or quantized projections (4, 8, nf4)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (prefilled, not timed)")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="CPU only (a GPU always runs bf16)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the result to this JSON file")
+
+    def run(args) -> int:
+        from .bench_decode import bench_decode
+
+        bench_decode(args)
         return 0
 
     return run

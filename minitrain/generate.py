@@ -11,6 +11,7 @@ and output; positive logits divided, negative multiplied), then temperature, top
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -18,7 +19,7 @@ import torch
 
 from .model import Baichuan2, KVCache
 
-__all__ = ["GenerationConfig", "CHAT_DEFAULTS", "GREEDY", "KVCache", "generate", "generate_stream",
+__all__ = ["GenerationConfig", "CHAT_DEFAULTS", "GREEDY", "KVCache", "TokenMeter", "generate", "generate_stream",
            "process_logits"]
 
 
@@ -131,3 +132,40 @@ def generate(model: Baichuan2, prompts: Sequence[Sequence[int]], cfg: Generation
             if on_token is not None:
                 on_token(b, token)
     return outputs
+
+
+class TokenMeter:
+    """Times a generation from its ``on_token`` callbacks: the first token ends the prefill (prompt
+    forward + first sample), every later one is a decode step. Host time between callbacks; a token id
+    reaching the host (``int(token)``) has synchronised the device, so GPU work is inside the numbers."""
+
+    def __init__(self, device=None):
+        self.device = torch.device(device) if device is not None else None
+        self.start = time.perf_counter()
+        self.first: Optional[float] = None
+        self.last: Optional[float] = None
+        self.tokens = 0
+
+    def wrap(self, on_token: Optional[Callable[[int, int], None]] = None) -> Callable[[int, int], None]:
+        def callback(row: int, token: int) -> None:
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now
+            self.last, self.tokens = now, self.tokens + 1
+            if on_token is not None:
+                on_token(row, token)
+        return callback
+
+    def decode_tokens_per_s(self) -> Optional[float]:
+        if self.tokens < 2 or self.last <= self.first:
+            return None
+        return (self.tokens - 1) / (self.last - self.first)
+
+    def report(self) -> str:
+        if self.first is None:
+            return "generated 0 tokens"
+        rate = self.decode_tokens_per_s()
+        where = f" on {self.device}" if self.device is not None else ""
+        decode = f", decode {rate:.2f} tokens/s" if rate is not None else ""
+        return (f"generated {self.tokens} tokens{where}: prefill + first token {1e3 * (self.first - self.start):.1f} ms"
+                f"{decode} ({self.tokens - 1} decode steps in {self.last - self.first:.3f} s)")

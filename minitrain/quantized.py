@@ -4,7 +4,8 @@
 ``gate_proj``, ``up_proj``, ``down_proj`` of every layer become ``QuantLinear``; embeddings, norms and
 the lm_head keep their dtype). :func:`save_quantized_model` writes one safetensors file: the state
 dict (``qdata``/``scales``/``zeros`` buffers for the quantized projections) and, in the safetensors
-metadata, ``format = "minitrain.quantized"``, the model config (JSON), ``bits`` and ``group_size``.
+metadata, ``format = "minitrain.quantized"``, the model config (JSON), ``bits`` ("4", "8" or "nf4"; NF4
+modules also hold their ``codebook`` buffer) and ``group_size``.
 :func:`load_quantized_model` rebuilds ``Baichuan2(config)`` on meta, swaps in empty ``QuantLinear``
 modules of the same shapes (no re-quantization), allocates and loads the saved tensors.
 """
@@ -35,18 +36,19 @@ def _quant_backend(model: Baichuan2) -> str:
     return backend_for(model.config.backends(), "quant_matmul")
 
 
-def quantize(model: Baichuan2, bits: int, group_size: int = 128) -> Baichuan2:
-    """Quantize ``model``'s projections in place (on their device) and return it."""
+def quantize(model: Baichuan2, bits, group_size: int = 128) -> Baichuan2:
+    """Quantize ``model``'s projections in place (on their device) and return it (``bits`` 4, 8 or
+    ``"nf4"``)."""
     return quantize_model(model, bits, group_size, backend=_quant_backend(model))
 
 
 def quantization_of(model: nn.Module) -> Optional[tuple[int, int]]:
     """``(bits, group_size)`` of the model's ``QuantLinear`` modules, or ``None`` when it has none."""
-    found = {(m.bits, m.group_size if m.bits == 4 else 128) for m in model.modules() if isinstance(m, QuantLinear)}
+    found = {(m.bits, 128 if m.bits == 8 else m.group_size) for m in model.modules() if isinstance(m, QuantLinear)}
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError(f"mixed quantization settings {sorted(found)}")
+        raise ValueError(f"mixed quantization settings {sorted(found, key=str)}")
     return found.pop()
 
 
@@ -100,7 +102,8 @@ def load_quantized_model(path: PathLike, *, dtype: Optional[torch.dtype] = None,
     cfg = json.loads(meta["config"])
     if backend is not None:
         cfg = {**cfg, "backend": backend}
-    bits, group_size = int(meta["bits"]), int(meta["group_size"])
+    bits = "nf4" if meta["bits"] == "nf4" else int(meta["bits"])
+    group_size = int(meta["group_size"])
     with torch.device("meta"):
         model = Baichuan2(config_from_dict(cfg))
     qbackend = _quant_backend(model)

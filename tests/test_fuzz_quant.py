@@ -1,4 +1,4 @@
-"""Property-based tests of quantize_weight / dequantize_weight / quant_matmul (bits 8 and 4, group_size):
+"""Property-based tests of quantize_weight / dequantize_weight / quant_matmul (bits 8, 4 and nf4, group_size):
 random shapes (0/1-sized dims included), dtypes and layouts on every backend; bad inputs rejected with
 errors that name the argument."""
 
@@ -22,8 +22,8 @@ GROUP_SIZES = (32, 64, 128)
 @st.composite
 def weight_cases(draw, wide=False):
     """``wide``: weights past the C++ GEMV's 16-row blocks and several groups (cpu backend only)."""
-    bits = draw(st.sampled_from([8, 4]))
-    if bits == 4:
+    bits = draw(st.sampled_from([8, 4, "nf4"]))
+    if bits != 8:
         group = draw(st.sampled_from(GROUP_SIZES + (16,)))  # 16: not a supported group size
         K = group * draw(st.integers(1, 9 if wide else 3)) if draw(st.integers(0, 9)) else draw(st.integers(1, 100))
     else:
@@ -45,9 +45,9 @@ def _weight_error(c):
     """The documented reason a weight case is invalid: (argument, reason) or None."""
     if c["N"] * c["K"] == 0:
         return "weight"
-    if c["bits"] == 4 and c["group_size"] not in GROUP_SIZES:
+    if c["bits"] != 8 and c["group_size"] not in GROUP_SIZES:
         return "group_size"
-    if c["bits"] == 4 and c["K"] % c["group_size"]:
+    if c["bits"] != 8 and c["K"] % c["group_size"]:
         return "group_size"
     return None
 
@@ -65,7 +65,7 @@ def test_quantize_dequantize_fuzz(c):
     qw = call()
     want = quantize_weight_ref(w.contiguous(), bits=c["bits"], group_size=c["group_size"])
     assert qw.shape == (c["N"], c["K"]) and qw.bits == c["bits"]
-    for name in ("data", "scales", "zeros"):
+    for name in ("data", "scales", "zeros", "codebook"):
         a, b = getattr(qw, name), getattr(want, name)
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"{what}: {name} depends on layout"
     deq = bk.dequantize_weight(qw)
@@ -74,6 +74,8 @@ def test_quantize_dequantize_fuzz(c):
     w64 = w.double()
     step = qw.scales.double()[:, None] if c["bits"] == 8 else qw.scales.double().repeat_interleave(c["group_size"], 1)
     err = (deq.double() - w64).abs()
+    if c["bits"] == "nf4":  # step = absmax; levels at most 0.3039 apart
+        step = step * float(qw.codebook.double().diff().max())
     bound = step / 2 + 4 * torch.finfo(torch.float32).eps * (w64.abs() + step * 15)
     assert bool((err <= bound).all()), f"{what}: round-trip error {float((err - bound).max()):.3e} over the bound"
 
@@ -94,7 +96,7 @@ def _matmul_case(device, backend, c):
     if x.numel() == 0:
         expect_rejection(lambda: call(x), "x", what=what)
         return
-    atol = {} if backend == "reference" or qw.bits == 8 else {"y": _xsum_factorization_atol(x, qw)}
+    atol = {} if backend == "reference" or qw.bits != 4 else {"y": _xsum_factorization_atol(x, qw)}
     check_op(call, lambda x: quant_matmul_ref(x, qw), dict(x=x), grad=["x"], what=what, seed=c["seed"],
              backend=backend,
              outputs=["y"], atol_for=lambda _up: atol)

@@ -151,3 +151,19 @@ def test_cli_generate_and_convert(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "m.pt"), "--prompt-ids", "1,5,6", "--greedy",
                  "--max-new-tokens", "5", "--no-eos-stop", "--backend", "reference"]) == 0
     assert [int(t) for t in capsys.readouterr().out.split()] == want
+
+
+def test_bench_decode_cpu(tmp_path, capsys):
+    # `python -m minitrain bench-decode` on the CPU: a tiny preset, bf16 and NF4 projections, two batches.
+    import json
+
+    from minitrain.__main__ import main
+
+    out = tmp_path / "decode.json"
+    assert main(["bench-decode", "--preset", "tiny-rope", "--layers", "1", "--bits", "bf16", "nf4", "--batch", "1", "2",
+                 "--prompt", "4", "--steps", "3", "--dtype", "fp32", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("tokens/s") == 4 and "nf4" in printed
+    res = json.loads(out.read_text())
+    assert [(r["bits"], r["batch"]) for r in res["results"]] == [("bf16", 1), ("bf16", 2), ("nf4", 1), ("nf4", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in res["results"])

@@ -16,7 +16,10 @@ HAS_CPU = "cpu" in bk.available_backends("quant_matmul")
 HAS_TRITON = "triton" in bk.available_backends("quant_matmul")
 
 # (bits, group_size, K): odd K for int8, each group size for int4 (K a multiple of it, not a power of 2)
-FORMATS = [(8, None, 123), (4, 32, 96), (4, 64, 192), (4, 128, 384)]
+# NF4: each block size (K a multiple of it, not a power of 2)
+FORMATS = [(8, None, 123), (4, 32, 96), (4, 64, 192), (4, 128, 384), ("nf4", 32, 96), ("nf4", 64, 192),
+           ("nf4", 128, 384)]
+SMALL = [0, 1, 5]  # int8, int4, NF4: the formats of the smaller tests
 FORMAT_IDS = [f"w{b}" + (f"g{g}" if g else "") + f"-K{k}" for b, g, k in FORMATS]
 MS = [1, 3, 16, 17, 64]
 N_ODD = 45
@@ -53,7 +56,7 @@ def test_matches_float64_reference(device, backend, dtype, bits, group_size, K, 
 
 
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "triton" or p.values[0] == "cuda"])
-@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128)], ids=["w8", "w4g128"])
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128), ("nf4", 64)], ids=["w8", "w4g128", "nf4g64"])
 @pytest.mark.parametrize("M", [1, 16, 17])
 def test_baichuan_width(device, backend, bits, group_size, M):
     # K = 4096 (7B hidden size): the real K loop, several groups and vector tails.
@@ -64,7 +67,7 @@ def test_baichuan_width(device, backend, bits, group_size, M):
 
 
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "triton" or p.values[0] == "cuda"])
-@pytest.mark.parametrize("bits,group_size,K", [(8, None, 1000), (4, 32, 1056), (4, 128, 640)])
+@pytest.mark.parametrize("bits,group_size,K", [(8, None, 1000), (4, 32, 1056), (4, 128, 640), ("nf4", 64, 1088)])
 @pytest.mark.parametrize("M", [2, 5, 16])
 def test_k_chunks_and_tails(device, backend, bits, group_size, K, M):
     # The CPU GEMV walks K in chunks (8192 / M floats, multiples of 128): partial last chunks, int8 tails.
@@ -75,7 +78,7 @@ def test_k_chunks_and_tails(device, backend, bits, group_size, K, M):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("bits,group_size,K", FORMATS[:2], ids=FORMAT_IDS[:2])
+@pytest.mark.parametrize("bits,group_size,K", [FORMATS[i] for i in SMALL], ids=[FORMAT_IDS[i] for i in SMALL])
 def test_batched_and_non_contiguous_x(device, backend, bits, group_size, K):
     qw = _qweight(N_ODD, K, bits, group_size, device)
     x = make_tensor((2, 3, K), torch.float16, device, seed=3)  # [B, T, K]
@@ -89,7 +92,7 @@ def test_batched_and_non_contiguous_x(device, backend, bits, group_size, K):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("bits,group_size,K", FORMATS[:2], ids=FORMAT_IDS[:2])
+@pytest.mark.parametrize("bits,group_size,K", [FORMATS[i] for i in SMALL], ids=[FORMAT_IDS[i] for i in SMALL])
 def test_grad_x(device, backend, bits, group_size, K):
     qw = _qweight(N_ODD, K, bits, group_size, device)
     x = make_tensor((5, K), torch.float32, device, seed=5, requires_grad=True)
@@ -111,7 +114,7 @@ def test_grad_x(device, backend, bits, group_size, K):
 
 @pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] == "cpu"])
 def test_cpu_is_deterministic_across_threads(device, backend):
-    for bits, gs, K in FORMATS[:2]:
+    for bits, gs, K in [FORMATS[i] for i in SMALL]:
         qw = _qweight(N_ODD, K, bits, gs)
         for M in (3, 40):
             x = make_tensor((M, K), torch.float32, seed=11)
@@ -139,7 +142,7 @@ def test_cpu_cross_check_with_torch_int8pack_mm():
 @pytest.mark.cuda
 def test_cuda_split_k():
     # N small and K large: the GEMV splits K and sums the slices in a second kernel.
-    for bits, gs in ((4, 128), (8, None)):
+    for bits, gs in ((4, 128), (8, None), ("nf4", 64)):
         qw = _qweight(40, 8192, bits, gs, "cuda", seed=13)
         for M in (1, 5, 16):
             x = make_tensor((M, 8192), torch.bfloat16, "cuda", seed=14 + M)
@@ -208,6 +211,15 @@ def test_cpp_op_checks_arguments_itself():
     q8 = _qweight(4, 96, 8, None)
     with pytest.raises(RuntimeError, match="qdata must be int8"):
         op(torch.randn(2, 96), q8.data.view(torch.uint8), q8.scales, None, 8, 96)
+    with pytest.raises(RuntimeError, match="codebook must be None for bits=8"):
+        op(torch.randn(2, 96), q8.data, q8.scales, None, 8, 96, torch.zeros(16))
+    qn = _qweight(4, 96, "nf4", 32)
+    with pytest.raises(RuntimeError, match="zeros must be None when a codebook is given"):
+        op(torch.randn(2, 96), qn.data, qn.scales, qn.scales, 4, 32, qn.codebook)
+    with pytest.raises(RuntimeError, match=r"codebook must be float32 \[16\]"):
+        op(torch.randn(2, 96), qn.data, qn.scales, None, 4, 32, qn.codebook[:8])
+    with pytest.raises(RuntimeError, match="codebook must be float32"):
+        op(torch.randn(2, 96), qn.data, qn.scales, None, 4, 32, qn.codebook.double())
 
 
 def _opcheck_ops():
@@ -220,11 +232,43 @@ def _opcheck_ops():
 
 
 @pytest.mark.parametrize("namespace", _opcheck_ops())
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "nf4"])
 def test_opcheck(namespace, bits):
     qw = _qweight(6, 64, bits, 32)
     x = make_tensor((3, 64), torch.float32, seed=1, requires_grad=True)
-    torch.library.opcheck(namespace.quant_matmul_fwd.default, (x, qw.data, qw.scales, qw.zeros, bits, qw.group_size))
+    args = (x, qw.data, qw.scales, qw.zeros, 4 if bits == "nf4" else bits, qw.group_size)
+    torch.library.opcheck(namespace.quant_matmul_fwd.default, args + ((qw.codebook,) if bits == "nf4" else ()))
+
+
+def test_nf4_format():
+    # The NF4 reference semantics: absmax per block, nearest codebook level, exact zero at code 7.
+    from baichuan_kernels.reference.quant_matmul import NF4_CODEBOOK
+    w = make_tensor((6, 128), torch.float32, seed=21)
+    w[0, :64] = 0.0  # an all-zero block decodes to exact zeros
+    qw = bk.quantize_weight(w, bits="nf4", group_size=64)
+    assert qw.zeros is None and qw.codebook.tolist() == list(NF4_CODEBOOK) and qw.scales.shape == (6, 2)
+    torch.testing.assert_close(qw.scales, w.abs().view(6, 2, 64).amax(-1))
+    back = dequantize_weight_ref(qw)
+    assert torch.equal(back[0, :64], torch.zeros(64))
+    gaps = torch.tensor(NF4_CODEBOOK).diff().max() / 2
+    assert ((back - w).abs().view(6, 2, 64) <= gaps * qw.scales[..., None] + 1e-6).all()
+    # the nearest level: no other level is closer than the chosen one
+    lv = torch.tensor(NF4_CODEBOOK)
+    from baichuan_kernels.reference.quant_matmul import _unpack_nibbles
+    norm = (w.view(6, 2, 64) / torch.where(qw.scales > 0, qw.scales, 1)[..., None]).reshape(-1, 1)  # [E, 1]
+    chosen = (norm[:, 0] - lv[_unpack_nibbles(qw.data).reshape(-1).long()]).abs()
+    assert (chosen <= (norm - lv).abs().min(1).values + 1e-7).all()
+    sd = qw.state_dict()
+    again = QuantizedWeight.from_state_dict(sd)
+    assert again.bits == "nf4" and torch.equal(dequantize_weight_ref(again), back)
+    with pytest.raises(ValueError, match="zeros must be None for bits='nf4'"):
+        QuantizedWeight(qw.data, qw.scales, qw.scales, "nf4", 64, (6, 128), qw.codebook)
+    with pytest.raises(ValueError, match="codebook must be None for bits=4"):
+        QuantizedWeight(qw.data, qw.scales, qw.scales, 4, 64, (6, 128), qw.codebook)
+    with pytest.raises(ValueError, match="bits must be 4, 8 or 'nf4'"):
+        bk.quantize_weight(w, bits="fp4")
+    with pytest.raises(ValueError, match="group_size 128 must divide K"):
+        bk.quantize_weight(w[:, :96], bits="nf4", group_size=128)
 
 
 # ------------------------------------------------------------------------ QuantLinear / quantize_model
@@ -306,8 +350,10 @@ def test_quantize_model_errors():
     m = nn.ModuleDict({"o_proj": nn.Linear(96, 8, bias=False)})
     with pytest.raises(ValueError, match="group_size 64 must divide o_proj.in_features"):
         quantize_model(m, 4, 64)
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+    with pytest.raises(ValueError, match="bits must be 4, 8 or 'nf4'"):
         quantize_model(m, 3)
+    with pytest.raises(ValueError, match="group_size 64 must divide o_proj.in_features"):
+        quantize_model(m, "nf4", 64)
     assert isinstance(m["o_proj"], nn.Linear)  # nothing replaced
 
 
@@ -336,3 +382,21 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     (g_got,) = torch.autograd.grad(got, x)
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(g_got, g_eager)
+
+
+@pytest.mark.skipif(not HAS_CPU, reason="extension not built")
+def test_cpu_avx2_kernels_too():
+    # On an AVX-512 machine the CPU GEMV takes the 16-lane kernels; BAICHUAN_NO_AVX512=1 keeps the AVX2
+    # ones (a separate process: the choice is made once). Both must meet the same rule.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BAICHUAN_NO_AVX512": "1", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
+                        "-k", "cpu and (matches_float64 or baichuan_width or k_chunks or deterministic)"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout

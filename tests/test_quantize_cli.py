@@ -46,7 +46,7 @@ def quant_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 128)])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 128), ("nf4", 64)])
 def test_save_load_roundtrip(bits, group_size, tmp_path):
     model = quantize(build(), bits, group_size)
     qm = quant_modules(model)
@@ -86,7 +86,7 @@ def test_not_quantized_files(tmp_path):
         save_quantized_model(model, tmp_path / "x.safetensors")
 
 
-@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, 128)])
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (8, 128), ("nf4", 32)])
 def test_greedy_quantized_equals_recompute(bits, group_size):
     model = quantize(build(torch.float64), bits, group_size)
     n = 5
@@ -153,3 +153,47 @@ def test_cli_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", dst, "--prompt-ids", "1", "--bits", "8"]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_cli_nf4_and_tokens_per_s(tmp_path, capsys):
+    # --bits nf4 on load and through `quantize`; a bitsandbytes NF4 directory (quantization_config) is
+    # detected and read; every generate run reports its decode tokens/s on stderr.
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from minitrain.nf4 import is_bnb_nf4_checkpoint, to_bnb_nf4
+
+    model = build()
+    save_checkpoint(model, tmp_path / "m.pt")
+    prompt, n = PROMPTS[0], 5
+    common = ["--prompt-ids", " ".join(map(str, prompt)), "--greedy", "--max-new-tokens", str(n), "--no-eos-stop"]
+    want = generate(quantize(build(), "nf4", 64), [prompt],
+                    dataclasses.replace(GREEDY, max_new_tokens=n, eos_token_id=None))[0]
+    assert main(["generate", str(tmp_path / "m.pt"), "--bits", "nf4", "--group-size", "64", *common]) == 0
+    cap = capsys.readouterr()
+    assert _tokens(cap.out) == want
+    assert f"generated {n} tokens" in cap.err and "decode" in cap.err and "tokens/s" in cap.err
+    assert main(["quantize", str(tmp_path / "m.pt"), str(tmp_path / "nf4.safetensors"), "--bits", "nf4",
+                 "--group-size", "64"]) == 0
+    assert "NF4" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "nf4.safetensors"), *common]) == 0
+    assert _tokens(capsys.readouterr().out) == want
+
+    hf = tmp_path / "hf4"
+    save_hf_checkpoint(model, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                                  "bnb_4bit_compute_dtype": "bfloat16"}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    file = next(hf.glob("*.safetensors"))
+    sd = load_file(str(file))
+    for key in [k for k in sd if k.rsplit(".", 2)[-2] in PROJ]:
+        sd.update({key[: -len("weight")] + k: v for k, v in to_bnb_nf4(sd.pop(key)).items()})
+    save_file(sd, str(file))
+    assert is_bnb_nf4_checkpoint(hf) and not is_bnb_nf4_checkpoint(tmp_path / "m.pt")
+    assert main(["generate", str(hf), *common]) == 0
+    cap = capsys.readouterr()
+    assert len(_tokens(cap.out)) == n and "tokens/s" in cap.err
+    assert main(["generate", str(hf), "--bits", "4", *common]) == 2
+    assert "already NF4-quantized" in capsys.readouterr().err

@@ -10,6 +10,8 @@
 //   bits = 4: w = q * scale[n, g] + zero[n, g]   (a lane's 32 codes always lie in one group)
 //   bits = 8: acc += q * x, times scale[n] at the end (q exact in fp32)
 // Codes become floats without I2F: 0x4B000000 | v is the float 2^23 + v, so one OR and one FADD.
+//   NF4 (bits = 4 with a codebook): w = codebook[q] * absmax[n, g]; the 16-entry codebook sits in
+//   shared memory (loaded once per block; a lookup is one conflict-free LDS: 16 words, 16 banks).
 // Split-K: when the rows alone cannot fill the GPU (N small against the SM count) and K is large,
 // the K range is cut into S slices; slice partials go to an fp32 [S, M, N] buffer that a second
 // kernel sums in a fixed order (deterministic, no atomics). int8 rows that are not 16-byte aligned
@@ -86,6 +88,14 @@ struct Dequant<8, 1> {
   }
 };
 
+// NF4: element 8j + t = nibble t of word j, decoded through the shared codebook, times the absmax.
+__device__ __forceinline__ void dequant_nf4(const Pack<uint32_t, 4>& p, float s, const float* cb, float (&w)[32]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int t = 0; t < 8; ++t) w[8 * j + t] = cb[(p.v[j] >> (4 * t)) & 0xFu] * s;
+}
+
 // acc += sum_e w[e] * x[e] over EPL elements of x at p (aligned for 16-byte packs when EPL allows).
 template <typename T, int EPL>
 __device__ __forceinline__ float dot_x(const T* p, const float (&w)[EPL], float acc) {
@@ -99,12 +109,13 @@ __device__ __forceinline__ float dot_x(const T* p, const float (&w)[EPL], float 
   return acc;
 }
 
-template <typename T, int BITS, int BYTES, int MT>
+template <typename T, int BITS, int BYTES, int MT, bool NF4>
 __global__ void __launch_bounds__(kWarps * 32)
 quant_gemv_kernel(const T* __restrict__ x,             // [M, K]
                   const uint8_t* __restrict__ q,       // [N, K * BITS / 8] packed codes
                   const float* __restrict__ scales,    // [N] (bits 8) | [N, K / group] (bits 4)
-                  const float* __restrict__ zeros,     // [N, K / group] (bits 4) | nullptr
+                  const float* __restrict__ zeros,     // [N, K / group] (bits 4) | nullptr (bits 8, NF4)
+                  const float* __restrict__ codebook,  // [16] (NF4) | nullptr
                   T* __restrict__ y,                   // [M, N]      (one K slice)
                   float* __restrict__ partial,         // [S, M, N]   (S > 1 K slices)
                   int M, int N, int K, int group_size, int k_slice) {
@@ -113,6 +124,11 @@ quant_gemv_kernel(const T* __restrict__ x,             // [M, K]
   constexpr int STEP = 32 * EPL;     // codes per warp per load
   const int lane = threadIdx.x % 32;
   const int n = blockIdx.x * kWarps + threadIdx.x / 32;
+  __shared__ float cb_s[16];
+  if (NF4) {  // before any thread leaves: the one block-level barrier
+    if (threadIdx.x < 16) cb_s[threadIdx.x] = __ldg(codebook + threadIdx.x);
+    __syncthreads();
+  }
   if (n >= N) return;  // uniform over the warp; no block-level barrier below
   const int k_begin = blockIdx.y * k_slice;
   const int k_end = min(K, k_begin + k_slice);
@@ -142,10 +158,14 @@ quant_gemv_kernel(const T* __restrict__ x,             // [M, K]
         if (BITS == 4) {
           const int64_t gi = static_cast<int64_t>(n) * G + k / group_size;
           s = __ldg(scales + gi);
-          z = __ldg(zeros + gi);
+          if (!NF4) z = __ldg(zeros + gi);
         }
         float w[EPL];
-        D::run(packed[u], s, z, w);
+        if constexpr (NF4 && BITS == 4 && BYTES == 16) {
+          dequant_nf4(packed[u], s, cb_s, w);
+        } else {
+          D::run(packed[u], s, z, w);
+        }
 #pragma unroll
         for (int m = 0; m < MT; ++m)
           if (m < M) acc[m] = dot_x<T, EPL>(x + static_cast<int64_t>(m) * K + k, w, acc[m]);
@@ -177,27 +197,28 @@ __global__ void splitk_reduce_kernel(const float* __restrict__ partial, T* __res
   y[i] = from_float<T>(acc);
 }
 
-template <typename T, int BITS, int BYTES>
+template <typename T, int BITS, int BYTES, bool NF4>
 void launch(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales,
-            const c10::optional<at::Tensor>& zeros, int group_size, int k_slice, int S, at::Tensor& y,
-            at::Tensor& partial, cudaStream_t stream) {
+            const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& codebook, int group_size,
+            int k_slice, int S, at::Tensor& y, at::Tensor& partial, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1)), N = static_cast<int>(qdata.size(0));
   const dim3 grid(ceil_div(N, kWarps), S), block(kWarps * 32);
   const T* xp = x.const_data_ptr<T>();
   const uint8_t* qp = static_cast<const uint8_t*>(qdata.const_data_ptr());
   const float* zp = zeros.has_value() ? zeros->const_data_ptr<float>() : nullptr;
+  const float* cbp = codebook.has_value() ? codebook->const_data_ptr<float>() : nullptr;
   float* pp = S > 1 ? partial.data_ptr<float>() : nullptr;
   T* yp = y.data_ptr<T>();
   auto go = [&](auto kernel) {
-    kernel<<<grid, block, 0, stream>>>(xp, qp, scales.const_data_ptr<float>(), zp, yp, pp, M, N, K, group_size,
-                                       k_slice);
+    kernel<<<grid, block, 0, stream>>>(xp, qp, scales.const_data_ptr<float>(), zp, cbp, yp, pp, M, N, K,
+                                       group_size, k_slice);
   };
   if (M == 1) {
-    go(quant_gemv_kernel<T, BITS, BYTES, 1>);
+    go(quant_gemv_kernel<T, BITS, BYTES, 1, NF4>);
   } else if (M <= 4) {
-    go(quant_gemv_kernel<T, BITS, BYTES, 4>);
+    go(quant_gemv_kernel<T, BITS, BYTES, 4, NF4>);
   } else {
-    go(quant_gemv_kernel<T, BITS, BYTES, kMaxM>);
+    go(quant_gemv_kernel<T, BITS, BYTES, kMaxM, NF4>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -210,8 +231,9 @@ void launch(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scal
 }  // namespace
 
 at::Tensor quant_matmul_fwd_cuda(const at::Tensor& x_in, const at::Tensor& qdata, const at::Tensor& scales,
-                                 const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size) {
-  const int64_t N = check_quant_matmul_fwd(x_in, qdata, scales, zeros, bits, group_size);
+                                 const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
+                                 const c10::optional<at::Tensor>& codebook) {
+  const int64_t N = check_quant_matmul_fwd(x_in, qdata, scales, zeros, bits, group_size, codebook);
   TORCH_CHECK(x_in.is_cuda(), "quant_matmul_fwd_cuda: tensors must be on a CUDA device, got ", x_in.device());
   TORCH_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16,
               "x must be float16 or bfloat16 for the CUDA GEMV (fp32 x: the Triton backend), got ",
@@ -241,12 +263,14 @@ at::Tensor quant_matmul_fwd_cuda(const at::Tensor& x_in, const at::Tensor& qdata
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int gs = static_cast<int>(group_size), ks = static_cast<int>(k_slice), s = static_cast<int>(S);
   QUANT_DISPATCH_HALF_BF16(x.scalar_type(), "quant_matmul_fwd_cuda", [&] {
-    if (bits == 4) {
-      launch<scalar_t, 4, 16>(x, qdata, scales, zeros, gs, ks, s, y, partial, stream);
+    if (bits == 4 && codebook.has_value()) {
+      launch<scalar_t, 4, 16, true>(x, qdata, scales, zeros, codebook, gs, ks, s, y, partial, stream);
+    } else if (bits == 4) {
+      launch<scalar_t, 4, 16, false>(x, qdata, scales, zeros, codebook, gs, ks, s, y, partial, stream);
     } else if (vec8) {
-      launch<scalar_t, 8, 16>(x, qdata, scales, zeros, gs, ks, s, y, partial, stream);
+      launch<scalar_t, 8, 16, false>(x, qdata, scales, zeros, codebook, gs, ks, s, y, partial, stream);
     } else {
-      launch<scalar_t, 8, 1>(x, qdata, scales, zeros, gs, ks, s, y, partial, stream);
+      launch<scalar_t, 8, 1, false>(x, qdata, scales, zeros, codebook, gs, ks, s, y, partial, stream);
     }
     if (S > 1) {
       const int64_t MN = M * N;
