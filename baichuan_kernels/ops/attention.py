@@ -109,11 +109,17 @@ def _cuda_limits(q, k, v, alibi_slopes=None, **kwargs) -> Optional[str]:
     return _kernel_limits(q, k, v, alibi_slopes=alibi_slopes, **kwargs)
 
 
+# "auto" tries Triton before CUDA for this op: the CUDA forward (mma.sync, no backward) measured
+# 293-320 TFLOP/s against Triton's 336-403 on the H200 (benchmarks/results/h200-20261126.md), and only
+# Triton is a full training path. backend="cuda" stays callable explicitly.
+AUTO_ORDER = (Backend.TRITON, Backend.CUDA, Backend.CPU)
+
 registry.register(
     "attention",
     Impl(Backend.CUDA, _cuda_limits),
     Impl(Backend.TRITON, _kernel_limits),
     Impl(Backend.CPU, _kernel_limits),
+    fastest_first=AUTO_ORDER,
 )
 
 

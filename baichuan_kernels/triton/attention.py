@@ -1,20 +1,16 @@
 """Flash attention in Triton: ALiBi / causal, packed (varlen) sequences, forward and backward.
 
-Forward: one program per (query block of BLOCK_M rows, head, sequence); grid
-``(cdiv(max_seqlen, BLOCK_M), H, num_seqs)``. Online softmax in fp32 in the log2 domain (the scale is
-multiplied by log2(e) once, the ALiBi slope too, then ``exp2``); the bias ``slope_h · (j - i)`` is
-computed in fp32 inside the kernel; causal programs stop at their diagonal block (block skipping).
-The probabilities are rounded to the value dtype before ``P @ V`` (as the reference does). The
-natural-log logsumexp per query row is saved (``lse: fp32 [H, total_T]``).
+The kernels: :mod:`.attention_fwd` (forward, tile helpers) and :mod:`.attention_bwd` (dq with the
+fused ``delta = rowsum(dO · O)``, then dk/dv; deterministic, no atomics). This file holds the tiling
+policy (autotune configs per architecture, shared-memory pruning, TMA or pointer loads) and the two
+``torch.library`` ops.
 
-Backward (deterministic, no atomics): ``delta = rowsum(dO · O)`` in a preprocess kernel, then one
-kernel per key block accumulating dk, dv over the query blocks it can see, and one kernel per query
-block accumulating dq over its key blocks; both recompute P from q, k and the saved lse.
-
-``tl.dot`` operands are cast to the constexpr ``DOT_DTYPE``: the input dtype on a GPU (tensor cores:
-wgmma on sm_90, mma on sm_80), fp32 under the interpreter (whose bf16 dot is wrong). fp32 inputs use
-``input_precision="ieee"`` (no tf32). On a GPU the backward also rounds dS to the input dtype before
-its two matmuls (the usual flash-attention trade); the interpreter keeps it in fp32.
+Numerics: online softmax in fp32 in the log2 domain (scale folded into log2(e), ALiBi as one FMA per
+score), P rounded to the value dtype before ``P @ V`` (as the reference does), natural-log lse saved
+(``lse: fp32 [H, total_T]``). ``tl.dot`` operands are cast to the constexpr ``DOT_DTYPE``: the input
+dtype on a GPU (wgmma on sm_90, mma on sm_80), fp32 under the interpreter (whose bf16 dot is wrong).
+fp32 inputs use ``input_precision="ieee"`` (no tf32). On a GPU the backward rounds dS to the input
+dtype before its two matmuls (the usual flash-attention trade); the interpreter keeps it in fp32.
 
 Shapes: q, k, v, out, dout, dq, dk, dv: [total_T, H, Dh] contiguous; cu_seqlens int32 [S+1];
 alibi_slopes fp32 [H] or None; lse, delta: fp32 [H, total_T].
@@ -22,6 +18,7 @@ alibi_slopes fp32 [H] or None; lse, delta: fp32 [H, total_T].
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -29,12 +26,20 @@ import triton
 import triton.language as tl
 
 from ..registry import TRITON_INTERPRET
-from ._common import cast_to
+from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from .attention_fwd import attn_fwd_kernel
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Tensor-descriptor (TMA) loads: "auto" = on sm_90+ when this Triton has tl.make_tensor_descriptor;
+# "0"/"1" force them off/on (benchmark A/B). Read once, at import. Tests set TMA_MODE directly: the
+# interpreter runs both load paths.
+TMA_MODE: str = os.environ.get("BAICHUAN_ATTN_TMA", "auto")
+_HAS_TMA = hasattr(tl, "make_tensor_descriptor")
+_CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() and not TRITON_INTERPRET else (0, 0)
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -47,293 +52,98 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or TRITON_INTERPRET else "tf32"
 
 
-def _configs(gpu: list[triton.Config], interp: triton.Config) -> list[triton.Config]:
-    return [interp] if TRITON_INTERPRET else gpu
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# sm_90: BLOCK_M 128 x BLOCK_N 64/128 with 8 warps (two warpgroups of wgmma), 3 stages; sm_80: 4 warps
-# and fewer stages also offered (the autotuner drops configs that exceed shared memory).
-_FWD_CONFIGS = _configs(
-    [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-)
-_BWD_CONFIGS = _configs(
-    [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-    ],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
-)
-_DQ_CONFIGS = _configs(
-    [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    ],
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
-)
-# Tuned once per head dim and mask kind (the sequence length is left out: fewer compilations).
-_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_ALIBI"]
+# The interpreter gets exactly one config per kernel (autotune with several fails there); tests swap
+# in others through ``kernel.configs`` to run both tile shapes.
+INTERP_CONFIGS = {"fwd": _cfg(16, 16, 4, 1), "dq": _cfg(32, 16, 4, 1), "dkdv": _cfg(16, 32, 4, 1)}
+# sm_90: 128-row query tiles with two warpgroups (8 warps) and 3-4 stages of K/V in flight for the
+# forward; the backward after Triton's Hopper tutorial (dk/dv: 32-64 query rows x 128 keys resident;
+# dq: 128 query rows x 32-64 keys). sm_80: 4 warps, fewer stages (164 KB of shared memory).
+_GPU_CONFIGS = {
+    9: {
+        "fwd": [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 2),
+                _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
+        "dkdv": [_cfg(32, 128, 4, 5), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 4), _cfg(64, 64, 4, 3),
+                 _cfg(16, 128, 4, 4)],
+        "dq": [_cfg(128, 32, 4, 5), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 4), _cfg(64, 64, 4, 3),
+               _cfg(64, 32, 4, 4)],
+    },
+    8: {
+        "fwd": [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3),
+                _cfg(128, 128, 8, 2)],
+        "dkdv": [_cfg(32, 128, 4, 3), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
+        "dq": [_cfg(128, 32, 4, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3), _cfg(128, 64, 8, 2)],
+    },
+}
 
 
-@triton.jit
-def _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr = True):
-    """log2-domain scores of a [BLOCK_M, D] query block against a [BLOCK_N, D] key block; -inf where
-    the key is past the sequence or (causal) in the future. ``MASKED=False``: the caller guarantees
-    that no key of the block is masked for any row (the mask is skipped)."""
-    s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
-    if HAS_ALIBI:
-        s += slope2 * (offs_n[None, :] - offs_m[:, None]).to(tl.float32)
-    if MASKED:
-        valid = offs_n[None, :] < L
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
-    return s
+def _configs(kind: str) -> list[triton.Config]:
+    if TRITON_INTERPRET:
+        return [INTERP_CONFIGS[kind]]
+    return _GPU_CONFIGS[9 if _CAPABILITY[0] >= 9 else 8][kind]
 
 
-@triton.jit
-def _fwd_block(acc, l_i, m_i, q, K, V, base, row_stride, offs_d, offs_m, offs_n, L, qk_scale, slope2,
-               CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               MASKED: tl.constexpr):
-    """One key block of the forward's online softmax; returns the updated (acc, l_i, m_i)."""
-    kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-    if MASKED:
-        n_mask = offs_n < L
-        k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
-        v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
-    else:
-        k = tl.load(K + kv_offs)
-        v = tl.load(V + kv_offs)
-    s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION, MASKED)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p_v = cast_to(p, V.dtype.element_ty).to(DOT_DTYPE)
-    acc = acc * alpha[:, None] + tl.dot(p_v, v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+def _smem_bytes(kind: str, cfg: triton.Config, head_dim: int, elem: int) -> int:
+    """Rough shared memory of a config: the resident tile plus ``num_stages`` buffers of the two
+    streamed tiles (the backward streams two [rows, Dh] tiles per step as well)."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    resident, streamed = (bm, bn) if kind in ("fwd", "dq") else (bn, bm)
+    return elem * head_dim * (resident + 2 * cfg.num_stages * streamed) + (4 * bm * bn if kind != "fwd" else 0)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
-def _attn_fwd_kernel(
-    Q, K, V,  # *T [total_T, H, D]
-    O,  # *T [total_T, H, D]
-    LSE,  # *fp32 [H, total_T]
-    CU,  # *i32 [S+1]
-    SLOPES,  # *fp32 [H] (read only when HAS_ALIBI)
-    qk_scale,  # softmax_scale · log2(e)
-    total_T,
-    H,
-    MAX_SEQLEN_BUCKET,  # autotune key only
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = tl.program_id(2)
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    m0 = pid_m * BLOCK_M
-    if m0 < L:
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_stride = H * HEAD_DIM
-        base = start.to(tl.int64) * row_stride + h * HEAD_DIM
-        m_mask = offs_m < L
-        q_offs = base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-        q = tl.load(Q + q_offs, mask=m_mask[:, None], other=0.0)
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        # Key blocks below full_hi are unmasked for every row of this block (inside the sequence and,
-        # causal, at or before the first query); the rest (diagonal / sequence end) apply the mask.
-        # Causal programs stop at their diagonal block.
-        if CAUSAL:
-            hi = tl.minimum(L, m0 + BLOCK_M)
-            full_hi = (tl.minimum(m0 + 1, L) // BLOCK_N) * BLOCK_N
-        else:
-            hi = L
-            full_hi = (L // BLOCK_N) * BLOCK_N
-        for n0 in range(0, full_hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, base, row_stride, offs_d, offs_m, n0 + offs_n0, L,
-                                       qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION, False)
-        for n0 in range(full_hi, hi, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, base, row_stride, offs_d, offs_m, n0 + offs_n0, L,
-                                       qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION, True)
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        tl.store(O + base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :],
-                 cast_to(out, O.dtype.element_ty), mask=m_mask[:, None])
-        # natural-log lse; +inf for a row with no allowed key (its recomputed probabilities are 0)
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-        tl.store(LSE + h.to(tl.int64) * total_T + start + offs_m, lse, mask=m_mask)
+def _max_smem() -> int:
+    try:
+        from triton.runtime import driver
+        return int(driver.active.utils.get_device_properties(torch.cuda.current_device())["max_shared_mem"])
+    except Exception:  # an older / other driver API: let the autotuner's OutOfResources guard decide
+        return 1 << 30
 
 
-@triton.jit
-def _attn_bwd_preprocess_kernel(
-    O, DO,  # *T [total_T, H, D]
-    DELTA,  # *fp32 [H, total_T]
-    total_T,
-    H,
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = rows < total_T
-    offs = rows[:, None].to(tl.int64) * (H * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + offs, mask=mask[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + h.to(tl.int64) * total_T + rows, tl.sum(o * do, 1), mask=mask)
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        elem = named_args["Q"].element_size()
+        budget = _max_smem()
+        fits = [c for c in configs if _smem_bytes(kind, c, kwargs["HEAD_DIM"], elem) <= budget]
+        return fits or [min(configs, key=lambda c: _smem_bytes(kind, c, kwargs["HEAD_DIM"], elem))]
+    return prune
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # *T [total_T, H, D]
-    LSE, DELTA,  # *fp32 [H, total_T]
-    DK, DV,  # *T [total_T, H, D]
-    CU,
-    SLOPES,
-    qk_scale,  # softmax_scale · log2(e)
-    sm_scale,
-    total_T,
-    H,
-    MAX_SEQLEN_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = tl.program_id(2)
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    n0 = pid_n * BLOCK_N
-    if n0 < L:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_m0 = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_stride = H * HEAD_DIM
-        base = start.to(tl.int64) * row_stride + h * HEAD_DIM
-        n_mask = offs_n < L
-        kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-        k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
-        v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        stat_base = h.to(tl.int64) * total_T + start
-        if CAUSAL:
-            lo = (n0 // BLOCK_M) * BLOCK_M
-        else:
-            lo = 0
-        for m0 in range(lo, L, BLOCK_M):
-            offs_m = m0 + offs_m0
-            m_mask = offs_m < L
-            q_offs = base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-            q = tl.load(Q + q_offs, mask=m_mask[:, None], other=0.0)
-            do = tl.load(DO + q_offs, mask=m_mask[:, None], other=0.0)
-            lse2 = tl.load(LSE + stat_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + stat_base + offs_m, mask=m_mask, other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION)
-            p = tl.exp2(s - lse2[:, None])  # exact 0 where masked or past the sequence
-            p = tl.where(m_mask[:, None], p, 0.0)
-            p_r = cast_to(p, V.dtype.element_ty).to(DOT_DTYPE)
-            dv += tl.dot(tl.trans(p_r), do.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(DOT_DTYPE)), q.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        tl.store(DK + kv_offs, cast_to(dk * sm_scale, DK.dtype.element_ty), mask=n_mask[:, None])
-        tl.store(DV + kv_offs, cast_to(dv, DV.dtype.element_ty), mask=n_mask[:, None])
+# Tuned per sequence-length bucket, head dim, mask kind and load path (the dtype is added by Triton).
+_AUTOTUNE_KEY = ["MAX_SEQLEN_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_ALIBI", "USE_TMA"]
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO,  # *T [total_T, H, D]
-    LSE, DELTA,  # *fp32 [H, total_T]
-    DQ,  # *T [total_T, H, D]
-    CU,
-    SLOPES,
-    qk_scale,
-    sm_scale,
-    total_T,
-    H,
-    MAX_SEQLEN_BUCKET,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    seq = tl.program_id(2)
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    m0 = pid_m * BLOCK_M
-    if m0 < L:
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        row_stride = H * HEAD_DIM
-        base = start.to(tl.int64) * row_stride + h * HEAD_DIM
-        m_mask = offs_m < L
-        q_offs = base + offs_m[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-        q = tl.load(Q + q_offs, mask=m_mask[:, None], other=0.0)
-        do = tl.load(DO + q_offs, mask=m_mask[:, None], other=0.0)
-        stat_base = h.to(tl.int64) * total_T + start
-        lse2 = tl.load(LSE + stat_base + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + stat_base + offs_m, mask=m_mask, other=0.0)
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if CAUSAL:
-            hi = tl.minimum(L, m0 + BLOCK_M)
-        else:
-            hi = L
-        for n0 in range(0, hi, BLOCK_N):
-            offs_n = n0 + offs_n0
-            n_mask = offs_n < L
-            kv_offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
-            k = tl.load(K + kv_offs, mask=n_mask[:, None], other=0.0)
-            v = tl.load(V + kv_offs, mask=n_mask[:, None], other=0.0)
-            s = _scores(q, k, offs_m, offs_n, L, qk_scale, slope2, CAUSAL, HAS_ALIBI, DOT_DTYPE, DOT_PRECISION)
-            p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(DOT_DTYPE), k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        tl.store(DQ + q_offs, cast_to(dq * sm_scale, DQ.dtype.element_ty), mask=m_mask[:, None])
+def _autotuned(kernel, kind: str):
+    return triton.autotune(configs=_configs(kind), key=_AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
+
+
+_attn_fwd = _autotuned(attn_fwd_kernel, "fwd")
+_attn_bwd_dq = _autotuned(attn_bwd_dq_kernel, "dq")
+_attn_bwd_dkdv = _autotuned(attn_bwd_dkdv_kernel, "dkdv")
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """TMA loads: sm_90+ (or forced; the interpreter runs them too), 16-byte aligned bases."""
+    if TMA_MODE == "0" or not _HAS_TMA:
+        return False
+    if TMA_MODE != "1" and (TRITON_INTERPRET or _CAPABILITY[0] < 9):
+        return False
+    if any(t.data_ptr() % 16 for t in tensors):
+        return False
+    if not TRITON_INTERPRET:
+        # In-kernel descriptors need a global scratch allocator; a ContextVar, so set it in the
+        # calling thread (autograd runs the backward in its own thread) unless the caller has one.
+        from triton.runtime import _allocation
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_tma_alloc)
+    return True
 
 
 def _check(q: torch.Tensor) -> None:
@@ -342,7 +152,8 @@ def _check(q: torch.Tensor) -> None:
 
 
 def _bucket(max_seqlen: int) -> int:
-    return triton.next_power_of_2(max(int(max_seqlen), 1))
+    """Autotune bucket of the longest sequence: powers of two from 128 to 16384."""
+    return min(max(triton.next_power_of_2(max(int(max_seqlen), 1)), 128), 16384)
 
 
 @torch.library.custom_op("baichuan_triton::attention_fwd", mutates_args=())
@@ -358,11 +169,12 @@ def attention_fwd(
     if total_T == 0 or S == 0 or max_seqlen == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, S)  # noqa: E731
-    _attn_fwd_kernel[grid](
+    _attn_fwd[grid](
         q, k, v, out, lse, cu_seqlens, alibi_slopes if alibi_slopes is not None else lse,
         softmax_scale * LOG2E, total_T, H, _bucket(max_seqlen),
-        HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype(q.dtype),
-        DOT_PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, ALIBI_SPLIT=q.dtype != torch.float32,
+        USE_TMA=_use_tma(q, k, v),
+        DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
 
@@ -373,27 +185,21 @@ def attention_bwd(
     cu_seqlens: torch.Tensor, alibi_slopes: Optional[torch.Tensor], softmax_scale: float, causal: bool,
     max_seqlen: int, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Always deterministic: the two-kernel backward uses no atomics.
+    # Always deterministic: the two-kernel backward uses no atomics. dq runs first: it writes delta.
     _check(q)
     total_T, H, D = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     S = cu_seqlens.shape[0] - 1
     if total_T == 0 or S == 0 or max_seqlen == 0:
         return dq, dk, dv
-    delta = torch.empty(H, total_T, device=q.device, dtype=torch.float32)
-    block = 16 if TRITON_INTERPRET else 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total_T, block), H)](out, dout, delta, total_T, H, HEAD_DIM=D, BLOCK=block)
+    delta = torch.empty(H, total_T, device=q.device, dtype=torch.float32)  # written by the dq kernel
     slopes = alibi_slopes if alibi_slopes is not None else lse
-    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, DOT_DTYPE=dot_dtype(q.dtype),
+    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None,
+                  ALIBI_SPLIT=q.dtype != torch.float32, USE_TMA=_use_tma(q, k, v, out, dout), DOT_DTYPE=dot_dtype(q.dtype),
                   DOT_PRECISION=dot_precision(q.dtype))
-    grid_n = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), H, S)  # noqa: E731
-    _attn_bwd_dkdv_kernel[grid_n](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, softmax_scale * LOG2E, softmax_scale,
-        total_T, H, _bucket(max_seqlen), **common,
-    )
+    scales = (softmax_scale * LOG2E, softmax_scale, total_T, H, _bucket(max_seqlen))
     grid_m = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), H, S)  # noqa: E731
-    _attn_bwd_dq_kernel[grid_m](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, slopes, softmax_scale * LOG2E, softmax_scale,
-        total_T, H, _bucket(max_seqlen), **common,
-    )
+    _attn_bwd_dq[grid_m](q, k, v, out, dout, lse, delta, dq, cu_seqlens, slopes, *scales, **common)
+    grid_n = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), H, S)  # noqa: E731
+    _attn_bwd_dkdv[grid_n](q, k, v, dout, lse, delta, dk, dv, cu_seqlens, slopes, *scales, **common)
     return dq, dk, dv
