@@ -1,5 +1,8 @@
 """Build baichuan_kernels._C: the C++ CPU kernels always, the CUDA kernels when possible.
 
+Only the extension is built here; the package metadata (name, version, dependencies, extras, the
+`minitrain` command) lives in pyproject.toml.
+
 CUDA sources are compiled whenever the installed torch is a CUDA build and nvcc is found — also on a
 build machine without a GPU. Environment honoured:
 
@@ -9,7 +12,8 @@ build machine without a GPU. Environment honoured:
   BAICHUAN_NO_CUDA=1     build the CPU kernels only
   BAICHUAN_NO_NATIVE=1   don't add -mavx2 -mfma -mf16c for the CPU kernels even if the build CPU has them
 
-Install with `pip install --no-build-isolation -e .` so the build uses the torch already installed.
+torch (>= 2.6) must be installed first and the build must see it: install with
+`pip install --no-build-isolation -e .` (README, "Install").
 """
 
 from __future__ import annotations
@@ -22,7 +26,38 @@ import shutil
 import site
 import sys
 
-from setuptools import find_packages, setup
+MIN_TORCH = (2, 6)
+INSTALL_HINT = """\
+  1. install torch first (>= {min_torch}), the build of your platform: pip install torch==2.13.0
+     (CPU and CUDA builds both work; see https://pytorch.org/get-started/locally/ and the README)
+  2. pip install "setuptools>=64" wheel ninja pybind11
+  3. pip install --no-build-isolation -e .    (or without -e; `pip wheel --no-build-isolation --no-deps .`)
+  --no-build-isolation is needed: without it pip builds in a fresh, isolated environment that has no torch."""
+
+
+def torch_or_exit():
+    """The installed torch, or exit with what to do (not a traceback from inside setuptools)."""
+    min_torch = ".".join(map(str, MIN_TORCH))
+    try:
+        import torch
+        from torch.utils import cpp_extension  # noqa: F401
+    except ImportError as exc:
+        isolated = any("pip-build-env-" in p for p in sys.path)
+        where = ("pip is building in an isolated environment, which has no torch: add --no-build-isolation"
+                 if isolated else f"{sys.executable} cannot import it ({exc})")
+        sys.exit(f"error: baichuan-kernels: install torch first: the build needs torch >= {min_torch}, and "
+                 f"{where}.\n{INSTALL_HINT.format(min_torch=min_torch)}")
+    version = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if version < MIN_TORCH:
+        sys.exit(f"error: baichuan-kernels needs torch >= {min_torch}, found torch {torch.__version__} "
+                 f"({os.path.dirname(torch.__file__)}).\n{INSTALL_HINT.format(min_torch=min_torch)}")
+    return torch
+
+
+torch = torch_or_exit()
+
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,9 +95,6 @@ def cpu_supports_avx2_fma() -> bool:
 
 
 def extension_modules():
-    import torch
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
     nvcc = find_nvcc()
     with_cuda = torch.version.cuda is not None and nvcc is not None and os.environ.get("BAICHUAN_NO_CUDA") != "1"
 
@@ -102,19 +134,9 @@ def extension_modules():
 
 
 def main() -> None:
-    from torch.utils.cpp_extension import BuildExtension
-
     setup(
-        name="baichuan-kernels",
-        version=read_version(),
-        description="Fused GPU/CPU kernels and a compact trainer for the Baichuan 2 LLMs",
-        packages=find_packages(include=["baichuan_kernels*", "minitrain*"]),
-        python_requires=">=3.10",
-        install_requires=["numpy"],  # torch (>= 2.6) is a prerequisite, installed first: see README
-        extras_require={"triton": ["triton>=3.2"], "test": ["pytest", "pytest-benchmark"]},
         ext_modules=extension_modules(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        zip_safe=False,
     )
 
 
