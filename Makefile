@@ -10,15 +10,21 @@ STAMP := $(VENV)/.baichuan-installed
 SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
 PYTEST_ARGS ?= -q
 
-.PHONY: setup train test bench clean
+DEPS := "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark ninja pybind11 setuptools wheel matplotlib \
+	safetensors sentencepiece tqdm hypothesis
+
+.PHONY: setup deps train test bench clean
 
 setup: $(STAMP)
+
+# The test/bench dependencies into an existing $(VENV) (CI's install stage: a venv made by the README).
+deps:
+	$(BIN)/python -m pip install -q $(DEPS)
 
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC) "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark \
-		ninja pybind11 setuptools wheel matplotlib safetensors sentencepiece tqdm hypothesis
+	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(DEPS)
 	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import baichuan_kernels as bk; print(bk.build_info()['cuda'], bk.available_backends('rms_norm'))"
 	touch $(STAMP)

@@ -25,6 +25,7 @@ import re
 import shutil
 import site
 import sys
+import sysconfig
 
 MIN_TORCH = (2, 6)
 INSTALL_HINT = """\
@@ -133,10 +134,23 @@ def extension_modules():
     )]
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build_ext with the object files always under build/ of the source tree.
+
+    An editable install (PEP 660) would otherwise compile in a throw-away temporary folder: every
+    `pip install -e .` and the `pip wheel` after it recompiled everything. Here ninja rebuilds only what
+    changed, whichever way pip builds."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{tag}")
+
+
 def main() -> None:
     setup(
         ext_modules=extension_modules(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExt},
     )
 
 
