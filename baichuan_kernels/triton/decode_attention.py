@@ -66,6 +66,7 @@ def _decode_split_kernel(
         n_mask = offs_n < hi
         offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
         k = tl.load(K + offs, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        v_raw = tl.load(V + offs, mask=n_mask[:, None], other=0.0)  # issued with K: both in flight
         s = tl.sum(k * q[None, :], 1)  # [BLOCK_N]
         if HAS_ALIBI:
             s += slope2 * (offs_n - (L - 1)).to(tl.float32)
@@ -76,9 +77,8 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use)
         l_i = l_i * alpha + tl.sum(p, 0)
-        v = tl.load(V + offs, mask=n_mask[:, None], other=0.0).to(tl.float32)
         p_r = cast_to(p, V.dtype.element_ty).to(tl.float32)
-        acc = acc * alpha + tl.sum(p_r[:, None] * v, 0)
+        acc = acc * alpha + tl.sum(p_r[:, None] * v_raw.to(tl.float32), 0)
         m_i = m_new
     part = (b * H + h).to(tl.int64) * NUM_SPLITS + split
     tl.store(M_PART + part, m_i)
