@@ -134,3 +134,88 @@ def test_opcheck(namespace):
     vc = make_tensor((2, 20, 2, 16), torch.float32, seed=72)
     lens = torch.tensor([20, 3], dtype=torch.int32)
     torch.library.opcheck(namespace.decode_attention_fwd.default, (q, kc, vc, lens, alibi_slopes_ref(2), 0.25))
+
+
+# ------------------------------------------------------------------------------------ split-K paths
+from baichuan_kernels.ops.decode_attention import SPLIT_ALIGN, decode_split_plan  # noqa: E402
+
+# Dh 64: every backend, CUDA included. (B, S_max, H, Dh, lengths): long enough that the CPU kernel
+# (>= 128 keys a split) and the Triton interpreter (16-key blocks) both cut the cache into several
+# splits, with splits past a short length (0, 1) and one ending inside a split (257, 300).
+SPLIT_SHAPES = {
+    "B1": (1, 600, 2, 64, (600,)),
+    "ragged": (4, 600, 2, 64, (0, 1, 257, 600)),
+}
+
+
+@pytest.mark.parametrize("device,backend", kernel_backends("decode_attention"))
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alibi", [True, False], ids=["alibi", "plain"])
+@pytest.mark.parametrize("shape", list(SPLIT_SHAPES))
+def test_split_k_matches_float64_reference(device, backend, threads, dtype, alibi, shape):
+    B, S, H, Dh, lengths = SPLIT_SHAPES[shape]
+    q, kc, vc, lens = _inputs(B, S, H, Dh, lengths, dtype, device, seed=5)
+    slopes = alibi_slopes_ref(H).to(device) if alibi else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the CPU kernel's split count follows the thread count
+    try:
+        with poisoned_outputs():
+            got = bk.decode_attention(q, kc, vc, lens, alibi_slopes=slopes, backend=backend)
+    finally:
+        torch.set_num_threads(before)
+    same = decode_attention_ref(q, kc, vc, lens, alibi_slopes=slopes)
+    exact = decode_attention_ref(q.double(), kc.double(), vc.double(), lens,
+                                 alibi_slopes=slopes.double() if alibi else None)
+    assert_within_reference_error(got, same, exact, name=f"{backend} {dtype} {shape} threads={threads}")
+    if 0 in lengths:
+        assert torch.all(got[lengths.index(0)] == 0)
+
+
+@pytest.mark.parametrize("B", [1, 2, 4, 16, 32, 64])
+@pytest.mark.parametrize("H", [32, 40])
+@pytest.mark.parametrize("S_max", [1, 63, 64, 65, 512, 2048, 8192, 100_000])
+@pytest.mark.parametrize("sms", [1, 108, 132])
+def test_split_plan(B, H, S_max, sms):
+    splits, split_len = decode_split_plan(B, H, S_max, sms)
+    assert split_len % SPLIT_ALIGN == 0 and 1 <= splits <= 128
+    assert (splits - 1) * split_len < S_max <= splits * split_len  # covers the cache, no empty tail split
+    # at least half the wanted programs (split_len rounds up to SPLIT_ALIGN), fewer only for short caches
+    assert 2 * splits >= min(-(-4 * sms // (B * H)), -(-S_max // SPLIT_ALIGN), 128)
+    if B * H >= 4 * sms:
+        assert splits == 1
+
+
+def test_split_plan_fills_the_gpu_at_batch_1():
+    splits, split_len = decode_split_plan(1, 40, 8192, 132)
+    assert 3 * 132 <= 40 * splits <= 8 * 132 and split_len >= 128
+
+
+def test_out_of_range_lengths_give_nan_rows_in_reference():
+    """GPU lengths are not checked on the host (no sync): every backend gives a NaN row instead."""
+    q, kc, vc, _ = _inputs(3, 8, 2, 16, (8, 8, 8), torch.float32, "cpu")
+    lens = torch.tensor([-1, 5, 9], dtype=torch.int32)
+    out = decode_attention_ref(q, kc, vc, lens)
+    assert out[0].isnan().all() and out[2].isnan().all() and out[1].isfinite().all()
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):  # CPU tensors: checked
+        bk.decode_attention(q, kc, vc, lens)
+
+
+@pytest.mark.skipif("triton" not in bk.available_backends("decode_attention"), reason="triton not usable")
+def test_out_of_range_lengths_give_nan_rows_in_triton_op():
+    q, kc, vc, _ = _inputs(3, 40, 2, 16, (40, 40, 40), torch.float32, "cpu", seed=9)
+    lens = torch.tensor([-1, 17, 41], dtype=torch.int32)
+    out = torch.ops.baichuan_triton.decode_attention_fwd(q[:, 0], kc, vc, lens, None, 0.25)
+    assert out[0].isnan().all() and out[2].isnan().all()
+    ref = decode_attention_ref(q, kc, vc, lens, softmax_scale=0.25)[:, 0]
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in bk.available_backends("decode_attention")])
+def test_gpu_out_of_range_lengths_give_nan_rows_without_sync(backend):
+    q, kc, vc, _ = _inputs(3, 300, 2, 64, (300, 300, 300), torch.bfloat16, "cuda", seed=11)
+    lens = torch.tensor([-1, 200, 301], dtype=torch.int32, device="cuda")
+    out = bk.decode_attention(q, kc, vc, lens, backend=backend)
+    assert out[0].isnan().all() and out[2].isnan().all() and out[1].isfinite().all()

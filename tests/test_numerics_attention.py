@@ -178,11 +178,7 @@ def test_decode_attention_extremes(device, backend, dtype):
     assert (out == 0).all()
 
 
-@pytest.mark.parametrize("device,backend", [p if p.values != ("cpu", "cpu") else pytest.param(
-    *p.values, id=p.id, marks=pytest.mark.xfail(strict=True, reason=(
-        "known: the CPU decode kernel skips keys whose probability rounds to 0 (~1.5x faster ALiBi decode "
-        "at 8k), so a NaN in v there does not propagate")))
-    for p in backends("decode_attention")])
+@pytest.mark.parametrize("device,backend", backends("decode_attention"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_attention_nan_value_at_zero_probability(device, backend, dtype):
     """A NaN value at a valid key whose probability underflows to 0 still poisons its (b, h, dim), as

@@ -6,10 +6,17 @@
 * triton    — ``torch.ops.baichuan_triton.decode_attention_fwd`` (split-K flash-decoding)
 
 Inference only: the kernels have no backward, so inputs that need a gradient go to the reference.
+
+No host synchronisation on a GPU: the range of ``cache_seqlens`` is checked on the host (ValueError)
+only for CPU tensors; on a GPU the kernels read at most ``S_max`` rows whatever the lengths, and a
+sequence with ``cache_seqlens[b]`` outside ``[0, S_max]`` gets a NaN output row (loud, never an
+out-of-bounds read). The split-K plan (:func:`decode_split_plan`) is shared by the Triton kernel and
+mirrored by the CUDA launcher (csrc/cuda/decode_attention.cu, same constants).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -20,7 +27,33 @@ from ..reference.decode_attention import decode_attention_ref
 from ..registry import Backend, Impl
 from .attention import CUDA_HEAD_DIMS, HEAD_DIMS, _has_cuda_kernel, _needs_grad, check_alibi_slopes, check_softmax_scale
 
-__all__ = ["decode_attention"]
+__all__ = ["decode_attention", "decode_split_plan"]
+
+# Split-K plan constants (csrc/cuda/decode_attention.cu uses the same numbers).
+SPLIT_ALIGN = 64  # keys per split are a multiple of this (one Triton BLOCK_N)
+CTAS_PER_SM = 4  # target number of (split, head, batch) programs per SM
+MAX_SPLITS = 128
+
+
+def decode_split_plan(B: int, H: int, S_max: int, sms: int, align: int = SPLIT_ALIGN) -> tuple[int, int]:
+    """``(num_splits, split_len)`` for a decode over ``[B, S_max, H, Dh]`` caches on ``sms`` SMs.
+
+    Enough splits that ``B · H · num_splits`` is about ``CTAS_PER_SM · sms`` programs (a batch-1
+    decode still fills the GPU), each split at least ``align`` keys; ``split_len`` a multiple of
+    ``align``; every split starts below ``S_max``."""
+    bh = max(1, B * H)
+    want = max(1, -(-CTAS_PER_SM * sms // bh))
+    by_len = max(1, -(-S_max // align))
+    splits = max(1, min(want, by_len, MAX_SPLITS))
+    split_len = -(-max(1, -(-S_max // splits)) // align) * align
+    splits = max(1, -(-max(S_max, 1) // split_len))
+    return splits, split_len
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Multiprocessor count of a CUDA device (cached: the query costs microseconds)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 _KERNELS: dict[Backend, object] = {}
 
@@ -99,9 +132,10 @@ def decode_attention(
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1)
     check_shape("cache_seqlens", cache_seqlens, (B,), "one length per batch row of q")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-    if lo < 0 or hi > S_max:
-        raise ValueError(f"cache_seqlens must lie in [0, S_max={S_max}], got values in [{lo}, {hi}]")
+    if cache_seqlens.device.type == "cpu" and B > 0:  # on a GPU: no host sync, NaN rows instead (above)
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0 or hi > S_max:
+            raise ValueError(f"cache_seqlens must lie in [0, S_max={S_max}], got values in [{lo}, {hi}]")
     check_alibi_slopes(alibi_slopes, H, q, "q")
     check_softmax_scale(softmax_scale)
     chosen = registry.resolve(

@@ -8,7 +8,9 @@ newest token, at position ``L - 1``, and its key/value are already in the cache.
 
 Cache rows ``j >= L`` are never read (they may hold garbage). This equals the last row of causal
 :func:`attention_ref` over the valid prefix; same precision rules (fp32 scores/softmax, float64
-for float64 inputs, probabilities rounded to the input dtype before P·V). ``L = 0`` gives zeros.
+for float64 inputs, probabilities rounded to the input dtype before P·V). ``L = 0`` gives zeros; an
+``L`` outside ``[0, S_max]`` (the public API refuses it for CPU tensors; GPU tensors are not checked
+on the host) gives a NaN row, as the kernels do.
 """
 
 from __future__ import annotations
@@ -53,4 +55,6 @@ def decode_attention_ref(
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = _softmax_rows(scores)  # [B, H, 1, S_max]
     out = p.to(v_cache.dtype).to(acc) @ vf  # [B, H, 1, Dh]
+    bad = ((L < 0) | (L > S_max))[:, None, None, None]  # [B, 1, 1, 1]
+    out = out.masked_fill(bad, float("nan"))
     return out.transpose(1, 2).to(q.dtype)

@@ -5,8 +5,10 @@ of each (batch, head) is cut into ``num_splits`` partitions of ``SPLIT_LEN`` key
 (partition, head, batch) walks its partition ``BLOCK_N`` keys at a time with an online softmax in fp32
 (log2 domain, bias ``slope_h · (j - (L - 1))`` computed in fp32) and writes its partial max, sum and
 unnormalised output; a combine program per (head, batch) rescales and sums the partials in a fixed
-order. Partitions past L do nothing; ``L = 0`` gives zeros. The q·k products are elementwise fp32
-multiply + row sums (a single query row is no tensor-core shape); the kernel is bound by reading K, V.
+order. Partitions past L do nothing; ``L = 0`` gives zeros; an ``L`` outside ``[0, S_max]`` (not checked
+on the host for GPU tensors: no sync) reads at most ``S_max`` rows and gives a NaN row. The split plan
+is :func:`baichuan_kernels.ops.decode_attention.decode_split_plan` (shared with the CUDA launcher).
+The q·k products are elementwise fp32 multiply + row sums (a single query row is no tensor-core shape); the kernel is bound by reading K, V.
 
 Shapes: q [B, H, Dh]; k_cache, v_cache [B, S_max, H, Dh] contiguous; cache_seqlens int32 [B];
 alibi_slopes fp32 [H] or None; out [B, H, Dh].
@@ -55,7 +57,7 @@ def _decode_split_kernel(
     row_stride = H * HEAD_DIM
     base = b.to(tl.int64) * S_max * row_stride + h * HEAD_DIM
     lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, L)
+    hi = tl.minimum(lo + SPLIT_LEN, tl.minimum(L, S_max))  # never past the cache, whatever L says
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.full([], 0.0, dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -64,6 +66,7 @@ def _decode_split_kernel(
         n_mask = offs_n < hi
         offs = base + offs_n[:, None].to(tl.int64) * row_stride + offs_d[None, :]
         k = tl.load(K + offs, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        v_raw = tl.load(V + offs, mask=n_mask[:, None], other=0.0)  # issued with K: both in flight
         s = tl.sum(k * q[None, :], 1)  # [BLOCK_N]
         if HAS_ALIBI:
             s += slope2 * (offs_n - (L - 1)).to(tl.float32)
@@ -74,9 +77,8 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use)
         l_i = l_i * alpha + tl.sum(p, 0)
-        v = tl.load(V + offs, mask=n_mask[:, None], other=0.0).to(tl.float32)
         p_r = cast_to(p, V.dtype.element_ty).to(tl.float32)
-        acc = acc * alpha + tl.sum(p_r[:, None] * v, 0)
+        acc = acc * alpha + tl.sum(p_r[:, None] * v_raw.to(tl.float32), 0)
         m_i = m_new
     part = (b * H + h).to(tl.int64) * NUM_SPLITS + split
     tl.store(M_PART + part, m_i)
@@ -88,7 +90,9 @@ def _decode_split_kernel(
 def _decode_combine_kernel(
     M_PART, L_PART, ACC_PART,  # fp32 partials
     O,  # *T [B, H, D]
+    LENS,  # *i32 [B]
     H,
+    S_max,
     NUM_SPLITS,
     HEAD_DIM: tl.constexpr,
     SPLITS_POW2: tl.constexpr,
@@ -108,24 +112,22 @@ def _decode_combine_kernel(
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_safe))
     l_tot = tl.sum(w * l, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(l_tot > 0.0, l_tot, 1.0)
+    L = tl.load(LENS + b)
+    out = tl.where((L < 0) | (L > S_max), float("nan"), out)  # a length outside the cache: a NaN row
     tl.store(O + row * HEAD_DIM + offs_d, cast_to(out, O.dtype.element_ty))
 
 
 def _split_plan(B: int, H: int, S_max: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, num_splits, SPLIT_LEN, num_warps): enough programs to fill the GPU, few under the
-    interpreter."""
+    """(BLOCK_N, num_splits, SPLIT_LEN, num_warps). On a GPU the shared plan (about 4 programs per
+    SM); under the interpreter 16-key blocks and 4 splits, so small test shapes cross split borders."""
+    from ..ops.decode_attention import decode_split_plan, sm_count
+
     if TRITON_INTERPRET or device.type != "cuda":
-        block_n, target, warps = 16, 4, 4
+        block_n, sms = 16, max(1, B * H)  # sms = B·H: about 4 splits
     else:
-        block_n = 64
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = max(1, (4 * sms + B * H - 1) // (B * H))
-        warps = 4
-    max_splits = max(1, triton.cdiv(S_max, block_n * (1 if TRITON_INTERPRET else 4)))
-    num_splits = max(1, min(target, max_splits, 128))
-    split_len = triton.cdiv(triton.cdiv(max(S_max, 1), num_splits), block_n) * block_n
-    num_splits = max(1, triton.cdiv(max(S_max, 1), split_len))
-    return block_n, num_splits, split_len, warps
+        block_n, sms = 64, sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    num_splits, split_len = decode_split_plan(B, H, S_max, sms, align=block_n)
+    return block_n, num_splits, split_len, 4
 
 
 @torch.library.custom_op("baichuan_triton::decode_attention_fwd", mutates_args=())
@@ -150,6 +152,6 @@ def decode_attention_fwd(
         HEAD_DIM=D, HAS_ALIBI=alibi_slopes is not None, BLOCK_N=block_n, num_warps=warps,
     )
     _decode_combine_kernel[(H, B)](
-        m_part, l_part, acc_part, out, H, num_splits, HEAD_DIM=D, SPLITS_POW2=triton.next_power_of_2(num_splits),
+        m_part, l_part, acc_part, out, cache_seqlens, H, S_max, num_splits, HEAD_DIM=D, SPLITS_POW2=triton.next_power_of_2(num_splits),
     )
     return out

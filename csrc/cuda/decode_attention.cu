@@ -4,26 +4,28 @@
 //   decode_attention_fwd(q, k_cache, v_cache, cache_seqlens, alibi_slopes?, softmax_scale) -> out
 // Semantics: baichuan_kernels/reference/decode_attention.py. q, out [B, H, Dh]; k_cache, v_cache
 // [B, S_max, H, Dh] contiguous; cache_seqlens int32 [B]; alibi_slopes fp32 [H] or None. Sequence b has
-// n = min(L, S_max) valid cache rows (L = cache_seqlens[b]); its query sits at position L - 1:
+// L = cache_seqlens[b] valid cache rows; its query sits at position L - 1:
 //   x_j = softmax_scale * <q, k_j> + slope_h * (j - (L - 1))   (fp32),   out = softmax(x) V
-// L <= 0 gives zeros; rows j >= n are never read. dtypes fp32 / fp16 / bf16 (SIMT kernel, fp32 math;
-// the probabilities are NOT rounded to the input dtype before P V: that only adds error, and the
-// result is then at least as accurate as the reference's). Dh = 64 or 128 (else an error naming Dh).
+// L = 0 gives zeros; rows j >= L are never read; an L outside [0, S_max] (the Python API does not
+// check GPU lengths on the host: no sync) reads nothing and gives a NaN row. Rows whose every score is
+// -inf give zeros; a NaN anywhere in a valid row's scores or values reaches the output. dtypes fp32 /
+// fp16 / bf16 (SIMT, fp32 math; the probabilities are NOT rounded to the input dtype before P V: that
+// only adds error). Dh = 64 or 128 (else an error naming Dh).
 //
+// Bound by reading K and V once (MHA: every (b, h) owns its rows, so sharing a CTA between heads
+// saves no loads). One pass over the cache:
 // Stage 1, grid (splits, H, B), 128 threads: CTA `split` takes keys [split * split_len, ...) of
-// sequence b, head h (CTAs past n exit at once).
-//   scores: a group of TPK = Dh / VW threads reads one key row (VW = 16 / sizeof(T) elements = one
-//   16-byte load per thread, the row's 128/256 bytes coalesced), dots it with q (fp32, q pre-scaled by
-//   scale * log2 e), reduces over the group with shuffles; the CTA covers 128 / TPK keys per pass and
-//   keeps kUnroll passes of loads in flight. Scores (log2 units) go to shared memory.
-//   softmax: CTA max m, p_j = exp2(x_j - m), CTA sum l (fp32).
-//   P V: the same thread groups read V rows (16 bytes per thread) and accumulate p_j * v_j in fp32;
-//   the groups' partial sums are added through shared memory.
-//   One split: out = acc / l directly. Several: (acc, m, l) of the split go to fp32 partial buffers.
+//   (b, h). A "stream" of TPK = Dh / VW lanes (VW = 16 / sizeof(T): one 16-byte load per lane, a
+//   whole 128/256-byte row per stream, coalesced) owns every NS-th key (NS = 128 / TPK streams per
+//   CTA). Per step a stream issues kUnroll K rows and kUnroll V rows (all loads in flight before
+//   any use), dots q (registers, pre-scaled by scale * log2 e) with each K row, reduces over its lanes
+//   with shuffles, and does an online-softmax update (fp32, log2 units) of its own (m, l, acc[VW]).
+//   The NS streams merge through shared memory; one split: out = acc / l directly, else (acc, m, l)
+//   go to fp32 partial buffers.
 // Stage 2 (several splits), grid (H, B), Dh threads: M = max m_s, out = sum acc_s 2^(m_s - M) /
 //   sum l_s 2^(m_s - M).
-// splits = ceil(S_max / split_len) with split_len a multiple of 64 (64 .. 8192) chosen so that
-// B * H * splits is about 4 CTAs per SM: small batches still fill the GPU.
+// Split plan: baichuan_kernels/ops/decode_attention.py decode_split_plan (same constants here):
+//   splits ~ ceil(4 * SMs / (B * H)), split_len a multiple of 64, so a batch-1 decode fills the GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,6 +37,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "common/attention_checks.h"
 #include "common/attention_cuda.cuh"
@@ -49,27 +53,10 @@ using cuda::to_float;
 using namespace cuda::attn;
 
 constexpr int kThreads = 128;
-constexpr int kUnroll = 4;        // key rows in flight per thread
-constexpr int kSplitAlign = 64;   // split_len granularity
-constexpr int kCtasPerSm = 4;     // target occupancy of the split grid
-constexpr int kMaxSplitLen = 8192;  // keys per CTA at most (32 KB of scores in shared memory)
-
-// Max / sum over the CTA (kThreads); red: kThreads / 32 floats. Every thread gets the result.
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) {
-    const float w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = kMax ? fmaxf(v, w) : v + w;
-  }
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = red[0];
-#pragma unroll
-  for (int w = 1; w < kThreads / 32; ++w) v = kMax ? fmaxf(v, red[w]) : v + red[w];
-  __syncthreads();  // red is reused
-  return v;
-}
+constexpr int kUnroll = 4;          // K rows (and as many V rows) in flight per stream and step
+constexpr int kSplitAlign = 64;     // split_len granularity (SPLIT_ALIGN in ops/decode_attention.py)
+constexpr int kCtasPerSm = 4;       // CTAS_PER_SM
+constexpr int kMaxSplits = 128;     // MAX_SPLITS
 
 template <typename T, int DH>
 __global__ void __launch_bounds__(kThreads)
@@ -83,25 +70,25 @@ decode_split_kernel(const T* __restrict__ q,              // [B, H, DH]
                     T* __restrict__ out,                  // [B, H, DH]         (splits == 1)
                     float scale_log2, int H, int S_max, int split_len) {
   constexpr int VW = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
-  constexpr int TPK = DH / VW;                          // threads per key row
-  constexpr int KPP = kThreads / TPK;                   // key rows per pass of the CTA
-  static_assert(TPK <= 32 && KPP >= 1, "a key row must fit in one warp");
-  extern __shared__ float s_p[];                        // [split_len]: scores, then probabilities
-  __shared__ float s_acc[KPP][DH];
-  __shared__ float s_red[kThreads / 32];
+  constexpr int TPK = DH / VW;                          // lanes per stream (one key row)
+  constexpr int NS = kThreads / TPK;                    // streams per CTA
+  static_assert(TPK <= 32 && 32 % TPK == 0 && NS >= 1, "a key row must fit in one warp");
+  __shared__ float s_acc[NS][DH];
+  __shared__ float s_m[NS], s_l[NS];
 
   const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
   const int L = seqlens[b];
-  const int n = min(L, S_max);
   const int j0 = split * split_len;
   const int64_t bh = static_cast<int64_t>(b) * H + h;
-  if (j0 >= n) {  // nothing to attend to (L <= 0 when this is the only split)
-    if (splits == 1)
-      for (int d = threadIdx.x; d < DH; d += kThreads) out[bh * DH + d] = T(0.0f);
-    return;
+  if (L < 0 || L > S_max || j0 >= L) {  // out of range (NaN row), or nothing to attend to here
+    if (splits == 1) {
+      const float fill = (L < 0 || L > S_max) ? NAN : 0.0f;
+      for (int d = threadIdx.x; d < DH; d += kThreads) out[bh * DH + d] = T(fill);
+    }
+    return;  // (several splits: the combine kernel knows which splits wrote a partial)
   }
-  const int j1 = min(n, j0 + split_len);
-  const int grp = threadIdx.x / TPK, gl = threadIdx.x % TPK;
+  const int j1 = min(L, j0 + split_len);
+  const int st = threadIdx.x / TPK, gl = threadIdx.x % TPK;
   const int64_t ld = static_cast<int64_t>(H) * DH;  // elements between cache rows
   const int64_t cache0 = static_cast<int64_t>(b) * S_max * ld + static_cast<int64_t>(h) * DH + gl * VW;
   const float slope_log2 = slopes != nullptr ? slopes[h] * kLog2e : 0.0f;
@@ -112,74 +99,78 @@ decode_split_kernel(const T* __restrict__ q,              // [B, H, DH]
 #pragma unroll
     for (int e = 0; e < VW; ++e) qv[e] = to_float(qp.v[e]) * scale_log2;
   }
+  float m = -INFINITY, l = 0.0f, acc[VW];
+#pragma unroll
+  for (int e = 0; e < VW; ++e) acc[e] = 0.0f;
 
-  // Scores, in log2 units.
-  // (Warp-uniform trip counts: the group shuffles need every lane of the warp.)
-  for (int jb = j0; jb < j1; jb += KPP * kUnroll) {
-    Pack<T, VW> kp[kUnroll];
+  // Trip counts are CTA-uniform (the stream shuffles need every lane of the warp); keys past j1 load
+  // nothing (zeros) and score -inf.
+  for (int jb = j0; jb < j1; jb += NS * kUnroll) {
+    Pack<T, VW> kp[kUnroll], vp[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = jb + u * KPP + grp;
+      const int j = jb + u * NS + st;
       kp[u] = j < j1 ? load_pack<T, VW>(k_cache + cache0 + j * ld) : Pack<T, VW>{};
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = jb + u * KPP + grp;
+      const int j = jb + u * NS + st;
+      vp[u] = j < j1 ? load_pack<T, VW>(v_cache + cache0 + j * ld) : Pack<T, VW>{};
+    }
+    float x[kUnroll];
+    float mx = m;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = jb + u * NS + st;
       float dot = 0.0f;
 #pragma unroll
       for (int e = 0; e < VW; ++e) dot = fmaf(qv[e], to_float(kp[u].v[e]), dot);
       dot = group_sum<TPK>(dot);
-      if (gl == 0 && j < j1) s_p[j - j0] = fmaf(slope_log2, static_cast<float>(j - (L - 1)), dot);
+      x[u] = j < j1 ? fmaf(slope_log2, static_cast<float>(j - (L - 1)), dot) : -INFINITY;
+      mx = fmaxf(mx, x[u]);  // (a NaN score is skipped here and poisons l and acc below)
     }
-  }
-  __syncthreads();
-
-  // Softmax over the split.
-  float mx = -INFINITY;
-  for (int i = threadIdx.x; i < j1 - j0; i += kThreads) mx = fmaxf(mx, s_p[i]);
-  mx = block_reduce<true>(mx, s_red);
-  const float shift = mx == -INFINITY ? 0.0f : mx;  // every score -inf (by value): p = 0, not NaN
-  float sum = 0.0f;
-  for (int i = threadIdx.x; i < j1 - j0; i += kThreads) {
-    const float p = exp2f(s_p[i] - shift);
-    s_p[i] = p;
-    sum += p;
-  }
-  sum = block_reduce<false>(sum, s_red);  // (its barrier also publishes s_p)
-
-  // acc = sum_j p_j v_j over this group's keys, then over the groups.
-  float acc[VW];
+    const float shift = mx == -INFINITY ? 0.0f : mx;  // every score so far -inf: p = alpha = 0, not NaN
+    const float alpha = exp2f(m - shift);
+    l *= alpha;
 #pragma unroll
-  for (int e = 0; e < VW; ++e) acc[e] = 0.0f;
-  for (int jb = j0; jb < j1; jb += KPP * kUnroll) {
-    Pack<T, VW> vp[kUnroll];
+    for (int e = 0; e < VW; ++e) acc[e] *= alpha;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int j = jb + u * KPP + grp;
-      vp[u] = j < j1 ? load_pack<T, VW>(v_cache + cache0 + j * ld) : Pack<T, VW>{};
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = jb + u * KPP + grp;
-      const float p = j < j1 ? s_p[j - j0] : 0.0f;
+      const float p = exp2f(x[u] - shift);
+      l += p;
 #pragma unroll
       for (int e = 0; e < VW; ++e) acc[e] = fmaf(p, to_float(vp[u].v[e]), acc[e]);
     }
+    m = mx;
   }
+
+  // Merge the NS streams.
 #pragma unroll
-  for (int e = 0; e < VW; ++e) s_acc[grp][gl * VW + e] = acc[e];
+  for (int e = 0; e < VW; ++e) s_acc[st][gl * VW + e] = acc[e];
+  if (gl == 0) {
+    s_m[st] = m;
+    s_l[st] = l;
+  }
   __syncthreads();
-  for (int d = threadIdx.x; d < DH; d += kThreads) {
-    float a = 0.0f;
+  float mc = -INFINITY;
 #pragma unroll
-    for (int gi = 0; gi < KPP; ++gi) a += s_acc[gi][d];
+  for (int i = 0; i < NS; ++i) mc = fmaxf(mc, s_m[i]);
+  const float shift = mc == -INFINITY ? 0.0f : mc;
+  for (int d = threadIdx.x; d < DH; d += kThreads) {
+    float a = 0.0f, lc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const float w = exp2f(s_m[i] - shift);  // a stream that saw no key: m = -inf, w = 0
+      a = fmaf(w, s_acc[i][d], a);
+      lc = fmaf(w, s_l[i], lc);
+    }
     if (splits == 1) {
-      out[bh * DH + d] = T(sum == 0.0f ? 0.0f : a / sum);  // sum = 0 only when every score is -inf
+      out[bh * DH + d] = T(lc == 0.0f ? 0.0f : a / lc);  // lc = 0 only when every score is -inf
     } else {
       part_acc[(bh * splits + split) * DH + d] = a;
       if (d == 0) {
-        part_ml[(bh * splits + split) * 2] = mx;
-        part_ml[(bh * splits + split) * 2 + 1] = sum;
+        part_ml[(bh * splits + split) * 2] = mc;
+        part_ml[(bh * splits + split) * 2 + 1] = lc;
       }
     }
   }
@@ -195,9 +186,9 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [B, H, splits, DH]
                       int H, int S_max, int split_len, int splits) {
   const int b = blockIdx.y, h = blockIdx.x, d = threadIdx.x;
   const int64_t bh = static_cast<int64_t>(b) * H + h;
-  const int n = min(seqlens[b], S_max);
-  if (n <= 0) {
-    out[bh * DH + d] = T(0.0f);
+  const int n = seqlens[b];
+  if (n <= 0 || n > S_max) {  // no key: zeros; a length outside the cache: a NaN row
+    out[bh * DH + d] = T(n == 0 ? 0.0f : NAN);
     return;
   }
   const int ns = min(splits, (n + split_len - 1) / split_len);  // splits that wrote a partial
@@ -214,23 +205,34 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [B, H, splits, DH]
   out[bh * DH + d] = T(l == 0.0f ? 0.0f : a / l);
 }
 
+// Multiprocessor count per device, queried once (the attribute query is not free on the decode path).
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::unordered_map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = counts.find(device);
+  if (it != counts.end()) return it->second;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  counts[device] = sms;
+  return sms;
+}
+
 template <typename T, int DH>
 void launch_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& seqlens, const float* slopes, float scale_log2, at::Tensor& out,
                    cudaStream_t stream) {
   const int B = static_cast<int>(q.size(0)), H = static_cast<int>(q.size(1));
   const int S_max = static_cast<int>(k_cache.size(1));
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
+  const int sms = sm_count(q.get_device());
+  // decode_split_plan (ops/decode_attention.py), same constants.
   const int64_t bh = static_cast<int64_t>(B) * H;
-  const int max_splits = std::max(1, (S_max + kSplitAlign - 1) / kSplitAlign);
-  const int64_t fill = std::max<int64_t>(1, (int64_t{kCtasPerSm} * sms + bh - 1) / bh);  // splits to fill the GPU
-  const int want = static_cast<int>(std::min<int64_t>(max_splits, fill));
-  int split_len = ((S_max + want - 1) / want + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
-  split_len = std::min(std::max(split_len, kSplitAlign), kMaxSplitLen);
+  const int64_t want = std::max<int64_t>(1, (int64_t{kCtasPerSm} * sms + bh - 1) / bh);
+  const int64_t by_len = std::max(1, (S_max + kSplitAlign - 1) / kSplitAlign);
+  const int64_t plan = std::max<int64_t>(1, std::min<int64_t>({want, by_len, int64_t{kMaxSplits}}));
+  const int split_len = static_cast<int>(((S_max + plan - 1) / plan + kSplitAlign - 1) / kSplitAlign * kSplitAlign);
   const int splits = (S_max + split_len - 1) / split_len;
-  const size_t smem = static_cast<size_t>(split_len) * sizeof(float);
-  auto kernel = decode_split_kernel<T, DH>;  // smem <= 32 KB + ~4.5 KB static: under the default 48 KB
+  auto kernel = decode_split_kernel<T, DH>;
   at::Tensor part_acc, part_ml;
   if (splits > 1) {
     part_acc = at::empty({bh * splits * DH}, q.options().dtype(at::kFloat));
@@ -238,7 +240,7 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   }
   float* pa = splits > 1 ? part_acc.mutable_data_ptr<float>() : nullptr;
   float* pm = splits > 1 ? part_ml.mutable_data_ptr<float>() : nullptr;
-  kernel<<<dim3(splits, H, B), kThreads, smem, stream>>>(
+  kernel<<<dim3(splits, H, B), kThreads, 0, stream>>>(
       q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), seqlens.const_data_ptr<int>(),
       slopes, pa, pm, out.mutable_data_ptr<T>(), scale_log2, H, S_max, split_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
